@@ -1,0 +1,27 @@
+"""pflow: probability-flow ODE solvers for DDPM-style diffusion models.
+
+A DDIM step with eta = 0 is one Euler step of ``d xbar / d sigma = eps(xbar, sigma)``;
+pflow integrates that ODE with the solver of your choice and counts what it cost.
+"""
+
+from .errors import MaxNFEExceeded, NonFiniteError
+from .grids import get_sigmas, validate_sigmas
+from .model import EpsModel, ODEModel
+from .schedule import NoiseSchedule
+from .solve import SolveResult, sample
+from .solvers import available_solvers
+
+__all__ = [
+    "EpsModel",
+    "MaxNFEExceeded",
+    "NoiseSchedule",
+    "NonFiniteError",
+    "ODEModel",
+    "SolveResult",
+    "available_solvers",
+    "get_sigmas",
+    "sample",
+    "validate_sigmas",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""Step grids: the sigmas a solver walks through.
+
+A grid is a 1-D float64 tensor, strictly monotone. A sampling grid decreases from its
+start (usually ``sigma_max``) to its end: ``0`` by default, which is diffusers'
+``set_alpha_to_one=True`` (the last DDIM step returns ``x0_hat``), or the first training
+step's sigma with ``set_alpha_to_one=False``.
+
+Spacings that select training timesteps (``leading``, ``trailing``, ``linspace``) pick
+exactly the timesteps that diffusers' ``DDIMScheduler.set_timesteps`` picks; ``uniform``
+and ``quadratic`` are the DDIM paper's (section 4.2 and appendix D.2); ``karras`` is EDM's
+(arXiv 2206.00364, eq. 5); ``logsnr`` is uniform in ``log sigma`` (half the log-SNR),
+the grid DPM-Solver uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule
+
+__all__ = ["SPACINGS", "get_sigmas", "validate_sigmas"]
+
+SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
+
+# Relative slack when checking a grid against the schedule's range: a sigma computed
+# from the table through another float path may differ in its last bits.
+_RANGE_RTOL = 1e-9
+
+
+def _timesteps(spacing: str, n_train: int, steps: int, steps_offset: int) -> np.ndarray:
+    """Training timesteps, descending, for the spacings that select table entries."""
+    if spacing == "leading":
+        # diffusers: (arange(steps) * (N // steps)).round()[::-1] + steps_offset
+        ratio = n_train // steps
+        ts = np.arange(steps, dtype=np.int64)[::-1] * ratio + steps_offset
+    elif spacing == "trailing":
+        # diffusers: round(arange(N, 0, -N / steps)) - 1
+        ts = np.round(np.arange(n_train, 0, -n_train / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        # diffusers: linspace(0, N - 1, steps).round()[::-1]
+        ts = np.linspace(0, n_train - 1, steps).round()[::-1].astype(np.int64)
+    elif spacing == "uniform":
+        # DDIM paper, "linear" selection: tau_i = floor(c * i), c = N / steps.
+        ts = np.floor(np.arange(steps) * (n_train / steps)).astype(np.int64)[::-1]
+    elif spacing == "quadratic":
+        # DDIM paper, "quadratic" selection: tau_i = floor(c * i^2), the largest at 0.8 N.
+        # At many steps the first few collide; they are pushed apart by one step each.
+        ts = np.floor(np.linspace(0, np.sqrt(0.8 * n_train), steps) ** 2).astype(np.int64)
+        for i in range(1, steps):
+            ts[i] = max(ts[i], ts[i - 1] + 1)
+        ts = ts[::-1]
+    else:  # pragma: no cover - guarded by the caller
+        raise AssertionError(spacing)
+    if ts.min() < 0 or ts.max() > n_train - 1:
+        raise ValueError(
+            f"spacing={spacing!r} with steps={steps} and steps_offset={steps_offset} selects "
+            f"timesteps outside [0, {n_train - 1}]"
+        )
+    return ts.copy()
+
+
+def get_sigmas(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "trailing",
+    *,
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+) -> Tensor:
+    """A grid of ``steps + 1`` decreasing sigmas for a sampler taking ``steps`` steps.
+
+    Args:
+        schedule: the noise schedule the network was trained with.
+        steps: number of solver steps (intervals), at least 1.
+        spacing: one of ``leading``, ``trailing``, ``linspace`` (diffusers' DDIM choices),
+            ``uniform``, ``quadratic`` (DDIM paper), ``karras`` (EDM), ``logsnr``.
+        steps_offset: added to every timestep of ``leading`` (diffusers' ``steps_offset``).
+        set_alpha_to_one: end the grid at ``sigma = 0`` (``a = 1``) when true, else at the
+            first training step's sigma. A final step of zero length is dropped, so the grid
+            may then have one entry fewer than ``steps + 1``.
+        sigma_min, sigma_max: range of ``karras`` and ``logsnr`` grids; the schedule's by
+            default.
+        rho: EDM's exponent for ``karras`` (7 in the paper).
+
+    Returns:
+        float64 tensor of sigmas, strictly decreasing.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
+    n_train = schedule.num_train_timesteps
+    if spacing in ("karras", "logsnr"):
+        lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
+        hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
+        if not 0 < lo < hi:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo}, sigma_max={hi}")
+        # Ending at 0 spends one step on the final denoising hop, so the positive part
+        # has `steps` points; ending at sigma_min it has `steps + 1`.
+        n_points = steps if set_alpha_to_one else steps + 1
+        ramp = np.linspace(0.0, 1.0, n_points)
+        if spacing == "karras":
+            sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        else:
+            sig = np.exp(np.log(hi) + ramp * (np.log(lo) - np.log(hi)))
+        if n_points == 1:
+            sig = np.array([hi])
+    else:
+        if steps > n_train:
+            raise ValueError(f"steps must be <= num_train_timesteps ({n_train}), got {steps}")
+        ts = _timesteps(spacing, n_train, steps, steps_offset)
+        sig = schedule.sigmas.numpy()[ts]
+    end = 0.0 if set_alpha_to_one else schedule.sigma_min
+    if sig[-1] > end:
+        sig = np.append(sig, end)
+    grid = torch.as_tensor(sig, dtype=torch.float64)
+    return validate_sigmas(grid, schedule=schedule, name="sigmas")
+
+
+def validate_sigmas(
+    sigmas: Tensor | Sequence[float] | np.ndarray,
+    *,
+    schedule: NoiseSchedule | None = None,
+    name: str = "sigmas",
+) -> Tensor:
+    """Check a user grid and return it as a 1-D float64 CPU tensor.
+
+    The grid must have at least two entries, be finite, non-negative and strictly
+    monotone (decreasing to sample, increasing to encode); with a schedule, no entry may
+    exceed ``schedule.sigma_max`` and no positive entry may fall below ``sigma_min``.
+    """
+    if isinstance(sigmas, Tensor):
+        grid = sigmas.detach().to("cpu", torch.float64)
+    else:
+        grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D grid with at least 2 entries, got shape "
+                         f"{tuple(grid.shape)}")
+    if not torch.isfinite(grid).all():
+        raise ValueError(f"{name} must be finite, got {grid.tolist()}")
+    if (grid < 0).any():
+        raise ValueError(f"{name} must be >= 0, got min {float(grid.min())}")
+    diff = grid[1:] - grid[:-1]
+    if not ((diff < 0).all() or (diff > 0).all()):
+        bad = int(torch.nonzero((diff >= 0) if diff[0] < 0 else (diff <= 0))[0])
+        raise ValueError(
+            f"{name} must be strictly monotone (decreasing to sample, increasing to encode); "
+            f"entries {bad} and {bad + 1} are {float(grid[bad])} and {float(grid[bad + 1])}"
+        )
+    if schedule is not None:
+        top = schedule.sigma_max * (1 + _RANGE_RTOL)
+        bottom = schedule.sigma_min * (1 - _RANGE_RTOL)
+        if float(grid.max()) > top:
+            raise ValueError(
+                f"{name} leaves the schedule's range: max {float(grid.max()):.6g} > "
+                f"sigma_max {schedule.sigma_max:.6g}"
+            )
+        positive = grid[grid > 0]
+        if positive.numel() and float(positive.min()) < bottom:
+            raise ValueError(
+                f"{name} leaves the schedule's range: positive entry {float(positive.min()):.6g} "
+                f"< sigma_min {schedule.sigma_min:.6g} (use 0 for the final denoising step)"
+            )
+    return grid

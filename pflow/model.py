@@ -1,0 +1,159 @@
+"""The ODE's right-hand side: a trained network reduced to ``eps(xbar, sigma)``.
+
+pflow integrates the probability-flow ODE in the variance-exploding variables of DDIM
+(arXiv 2010.02502, eq. 14):
+
+    d xbar / d sigma = eps_theta(xbar / sqrt(sigma^2 + 1), t(sigma)).
+
+:class:`EpsModel` wraps a network ``net(x_t, t)`` trained on a DDPM schedule and predicting
+``eps`` (``"epsilon"``), ``x0`` (``"sample"``) or ``v`` (``"v_prediction"``), and converts
+its output to ``eps`` exactly:
+
+    eps = (x_t - sqrt(a) x0) / sqrt(1 - a),        eps = sqrt(1 - a) x_t + sqrt(a) v.
+
+Solvers never see the prediction type (k-diffusion's ``external.py`` and EDM's
+``*Precond`` do the same). Besides ``model(xbar, sigma)`` a model may offer
+``model.eps_from_xt(x_t, sigma)``, the same function of the state in the network's own
+scale ``x_t = xbar / sqrt(1 + sigma^2)``; solvers keep their state in that scale
+because it is far better conditioned in float32 than ``xbar`` (``sigma_max`` is ~157 for
+the linear schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule
+
+__all__ = ["EpsModel", "ODEModel", "Prediction", "sigma_column"]
+
+Prediction = Literal["epsilon", "sample", "v_prediction"]
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+@runtime_checkable
+class ODEModel(Protocol):
+    """Anything pflow can integrate: ``eps = model(xbar, sigma)``.
+
+    ``sigma`` is a Python float, a 0-d tensor, or a 1-D tensor with one sigma per sample.
+    Optional attributes: ``schedule`` (a :class:`NoiseSchedule`, needed to build grids
+    from ``steps``) and ``eps_from_xt(x_t, sigma)``.
+    """
+
+    def __call__(self, xbar: Tensor, sigma: float | Tensor) -> Tensor: ...
+
+
+def sigma_column(sigma: float | Tensor, x: Tensor) -> Tensor:
+    """``sigma`` as a float64 tensor on ``x``'s device, shaped to broadcast against ``x``
+    (``(batch, 1, 1, ...)`` for one sigma per sample, ``()`` for a scalar)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    if s.ndim == 0:
+        return s
+    if s.ndim != 1 or s.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"sigma must be a scalar or have one entry per sample ({x.shape[0]}), got shape "
+            f"{tuple(s.shape)}"
+        )
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class EpsModel:
+    """A DDPM network as the right-hand side of the probability-flow ODE.
+
+    Args:
+        net: callable ``net(x_t, t) -> prediction`` with ``x_t`` of shape ``(batch, ...)``
+            and ``t`` a 1-D tensor of shape ``(batch,)``.
+        schedule: the schedule the network was trained with.
+        prediction: what ``net`` predicts: ``"epsilon"``, ``"sample"`` (x0) or
+            ``"v_prediction"``.
+        quantize: pass the nearest training step (an int64 tensor) instead of the
+            continuous ``t(sigma)`` (a float tensor in ``x_t``'s dtype). Use it for
+            networks that only accept integer timesteps.
+        t_dtype: dtype of the continuous ``t`` given to ``net``; ``x_t``'s dtype by default.
+
+    ``model(xbar, sigma)`` returns ``eps`` in ``xbar``'s dtype. Conversion coefficients are
+    computed in float64 from sigma: ``sqrt(a) = 1 / sqrt(1 + sigma^2)`` and
+    ``sqrt(1 - a) = sigma / sqrt(1 + sigma^2)``.
+    """
+
+    def __init__(
+        self,
+        net: Callable[[Tensor, Tensor], Tensor],
+        schedule: NoiseSchedule,
+        prediction: Prediction = "epsilon",
+        *,
+        quantize: bool = False,
+        t_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not callable(net):
+            raise TypeError(f"net must be callable as net(x_t, t), got {type(net).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a pflow.NoiseSchedule, got {type(schedule).__name__}")
+        if prediction not in _PREDICTIONS:
+            raise ValueError(
+                f"prediction must be one of {', '.join(_PREDICTIONS)}; got {prediction!r}"
+            )
+        self.net = net
+        self.schedule = schedule
+        self.prediction: Prediction = prediction
+        self.quantize = bool(quantize)
+        self.t_dtype = t_dtype
+
+    def __repr__(self) -> str:
+        return (f"EpsModel(net={type(self.net).__name__}, {self.schedule!r}, "
+                f"prediction={self.prediction!r}, quantize={self.quantize})")
+
+    def timesteps(self, sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:
+        """The ``t`` tensor of shape ``(batch,)`` handed to the network at ``sigma``."""
+        dtype = self.t_dtype or like.dtype
+        if isinstance(sigma, Tensor) and sigma.ndim > 0:
+            t = self.schedule.sigma_to_t(sigma.reshape(-1).to(like.device))
+            if self.quantize:
+                return t.round().long()
+            return t.to(dtype)
+        t_val = self.schedule.sigma_to_t(float(sigma))
+        if self.quantize:
+            return torch.full((batch,), round(t_val), dtype=torch.long, device=like.device)
+        return torch.full((batch,), t_val, dtype=dtype, device=like.device)
+
+    def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:
+        """``eps`` from the state in the network's own scale, ``x_t = xbar / sqrt(1+sigma^2)``."""
+        if isinstance(sigma, Tensor) and sigma.ndim == 0:
+            sigma = float(sigma)
+        t = self.timesteps(sigma, x_t.shape[0], x_t)
+        out = self.net(x_t, t)
+        if not isinstance(out, Tensor):  # diffusers returns an output object
+            out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        if out.shape != x_t.shape:
+            raise ValueError(
+                f"net returned shape {tuple(out.shape)} for an input of shape "
+                f"{tuple(x_t.shape)}; pflow needs a prediction of the input's shape"
+            )
+        out = out.to(x_t.dtype)
+        if self.prediction == "epsilon":
+            return out
+        if isinstance(sigma, Tensor):
+            s = sigma_column(sigma, x_t)
+            sqrt_a = (1 / (1 + s**2).sqrt()).to(x_t.dtype)
+            sqrt_1ma = (s / (1 + s**2).sqrt()).to(x_t.dtype)
+        else:
+            root = math.sqrt(1 + float(sigma) ** 2)
+            sqrt_a, sqrt_1ma = 1 / root, float(sigma) / root  # type: ignore[assignment]
+        if self.prediction == "sample":
+            return (x_t - sqrt_a * out) / sqrt_1ma
+        return sqrt_1ma * x_t + sqrt_a * out
+
+    def __call__(self, xbar: Tensor, sigma: float | Tensor) -> Tensor:
+        """``eps_theta(xbar / sqrt(sigma^2 + 1), t(sigma))``."""
+        if isinstance(sigma, Tensor) and sigma.ndim == 0:
+            sigma = float(sigma)
+        if isinstance(sigma, Tensor):
+            scale = (1 / (1 + sigma_column(sigma, xbar) ** 2).sqrt()).to(xbar.dtype)
+        else:
+            scale = 1 / math.sqrt(1 + float(sigma) ** 2)  # type: ignore[assignment]
+        return self.eps_from_xt(xbar * scale, sigma)

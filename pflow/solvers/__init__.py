@@ -1,0 +1,92 @@
+"""The solver registry: every name accepted by ``solver=`` and how to run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from .ode import PFODE, Outcome
+from .runge_kutta import solve_adaptive, solve_fixed
+from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
+
+__all__ = ["SolverSpec", "available_solvers", "get_solver", "ButcherTableau"]
+
+Runner = Callable[..., Outcome]
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A named solver.
+
+    Attributes:
+        name: the name accepted by ``solver=``.
+        adaptive: chooses its own steps (takes ``rtol``/``atol``) rather than walking a grid.
+        order: order of accuracy on a smooth problem.
+        run: ``run(ode, x, grid, *, last_step, record, partial, **options) -> Outcome``.
+        options: extra keyword options the runner accepts.
+        summary: one line for listings.
+    """
+
+    name: str
+    adaptive: bool
+    order: int
+    run: Runner
+    options: tuple[str, ...] = ()
+    summary: str = ""
+
+
+def _rk_fixed(tab: ButcherTableau, summary: str) -> SolverSpec:
+    return SolverSpec(tab.name, False, tab.order, partial(solve_fixed, tableau=tab),
+                      summary=summary)
+
+
+def _rk_adaptive(name: str, tab: ButcherTableau, summary: str) -> SolverSpec:
+    return SolverSpec(name, True, tab.order, partial(solve_adaptive, tableau=tab),
+                      options=("rtol", "atol", "first_step"), summary=summary)
+
+
+_REGISTRY: dict[str, SolverSpec] = {
+    s.name: s
+    for s in (
+        _rk_fixed(EULER, "Euler; on a DDIM grid this is DDIM (eta = 0)"),
+        _rk_fixed(HEUN, "Heun's 2nd order (EDM Algorithm 1), 2 NFE per step, Euler into 0"),
+        _rk_fixed(MIDPOINT, "explicit midpoint, 2nd order, 2 NFE per step"),
+        _rk_fixed(RK4, "classical Runge-Kutta, 4th order, 4 NFE per step"),
+        _rk_adaptive("rk45", DOPRI5, "Dormand-Prince 5(4), FSAL, PI step control"),
+        _rk_adaptive("bosh3", BOSH3, "Bogacki-Shampine 3(2), FSAL, PI step control"),
+    )
+}
+
+
+def available_solvers() -> list[str]:
+    """The names accepted by ``solver=``."""
+    return list(_REGISTRY)
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The solver called ``name``; the error lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"solver must be one of {', '.join(_REGISTRY)}; got {name!r}"
+        ) from None
+
+
+def register(spec: SolverSpec) -> None:
+    """Add a solver to the registry (used by solver families in other modules)."""
+    _REGISTRY[spec.name] = spec
+
+
+def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise TypeError(f"solver {spec.name!r} does not take {', '.join(unknown)} "
+                        f"(its options: {allowed})")
+    return given
+
+
+__all__ += ["PFODE", "Outcome", "register"]

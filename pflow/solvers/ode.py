@@ -1,0 +1,107 @@
+"""The PF-ODE as every solver sees it, and the bookkeeping every solve shares.
+
+The ODE is ``d xbar / d sigma = eps(xbar, sigma)``. Solvers keep the state in the
+network's own scale, ``x = xbar * C(sigma)`` with ``C(sigma) = 1 / sqrt(1 + sigma^2)``:
+a step ``xbar_next = xbar + h * sum_j w_j k_j`` is then written
+
+    x_next = (C(sigma_next) / C(sigma)) * x + C(sigma_next) * h * sum_j w_j k_j,
+
+with the coefficients computed in float64. It is the same arithmetic as in ``xbar``,
+without adding small updates to a number of size ``sigma_max`` in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import MaxNFEExceeded, NonFiniteError
+from ..model import ODEModel, sigma_column
+
+__all__ = ["PFODE", "Outcome", "scale"]
+
+
+def scale(sigma: float) -> float:
+    """``C(sigma) = 1 / sqrt(1 + sigma^2) = sqrt(a)``: from ``xbar`` to the network's scale."""
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+class PFODE:
+    """The right-hand side ``eps`` of the PF-ODE, with NFE counting, a budget and a
+    NaN/inf watch.
+
+    ``eps(x, sigma)`` takes the state in the network's scale. Each call is one network
+    evaluation (NFE) whatever the batch size. Finite-ness is recorded without a host
+    sync; :meth:`raise_if_nonfinite` checks the record.
+    """
+
+    def __init__(self, model: ODEModel, *, max_nfe: int | None = None,
+                 check_finite: bool = True) -> None:
+        self.model = model
+        self.max_nfe = max_nfe
+        self.check_finite = check_finite
+        self.nfe = 0
+        self._direct = getattr(model, "eps_from_xt", None)
+        self._finite: list[Tensor] = []
+        self._finite_sigmas: list[float | Tensor] = []
+
+    def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise MaxNFEExceeded(
+                f"max_nfe={self.max_nfe} network evaluations used up before sigma="
+                f"{_fmt(sigma)} was reached; raise max_nfe or loosen rtol/atol"
+            )
+        self.nfe += 1
+        if self._direct is not None:
+            out = self._direct(x, sigma)
+        else:
+            if isinstance(sigma, Tensor):
+                xbar = x * (1 + sigma_column(sigma, x) ** 2).sqrt().to(x.dtype)
+            else:
+                xbar = x * math.sqrt(1.0 + sigma * sigma)
+            out = self.model(xbar, sigma)
+        if self.check_finite:
+            self._finite.append(torch.isfinite(out).all())
+            self._finite_sigmas.append(sigma)
+        return out
+
+    def forget_finite(self) -> None:
+        """Drop the finite-ness record (once something else has shown it was all finite)."""
+        self._finite.clear()
+        self._finite_sigmas.clear()
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first sigma whose ``eps`` was not finite."""
+        if not self._finite:
+            return
+        ok = torch.stack(self._finite)
+        if bool(ok.all()):
+            self.forget_finite()
+            return
+        first = int((~ok).nonzero()[0])
+        raise NonFiniteError(
+            f"the model returned NaN or inf at sigma={_fmt(self._finite_sigmas[first])} "
+            f"(network evaluation {first + 1})"
+        )
+
+
+def _fmt(sigma: float | Tensor) -> str:
+    if isinstance(sigma, Tensor):
+        return f"{sigma.detach().cpu().tolist()}"
+    return f"{sigma:.6g}"
+
+
+@dataclass
+class Outcome:
+    """What a solver hands back to the solve loop."""
+
+    x: Tensor
+    sigmas: list[float]
+    n_accepted: int
+    n_rejected: int = 0
+    trajectory: list[Tensor] | None = None
+    finished: bool = True
+    message: str = field(default="")
