@@ -26,9 +26,10 @@ __all__ = ["SPACINGS", "get_sigmas", "validate_sigmas"]
 
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
 
-# Relative slack when checking a grid against the schedule's range: a sigma computed
-# from the table through another float path may differ in its last bits.
-_RANGE_RTOL = 1e-9
+# Relative slack when checking a grid against the schedule's range: a sigma that went
+# through float32 (a user's grid tensor) may differ in its last bits. Entries within the
+# slack are snapped onto the range's end.
+_RANGE_RTOL = 1e-6
 
 
 def _timesteps(spacing: str, n_train: int, steps: int, steps_offset: int) -> np.ndarray:
@@ -142,8 +143,9 @@ def validate_sigmas(
     else:
         grid = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
     if grid.ndim != 1 or grid.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D grid with at least 2 entries, got shape "
-                         f"{tuple(grid.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D grid with at least 2 entries, got shape {tuple(grid.shape)}"
+        )
     if not torch.isfinite(grid).all():
         raise ValueError(f"{name} must be finite, got {grid.tolist()}")
     if (grid < 0).any():
@@ -169,4 +171,7 @@ def validate_sigmas(
                 f"{name} leaves the schedule's range: positive entry {float(positive.min()):.6g} "
                 f"< sigma_min {schedule.sigma_min:.6g} (use 0 for the final denoising step)"
             )
+        grid = grid.clone()
+        grid[grid > schedule.sigma_max] = schedule.sigma_max
+        grid[(grid > 0) & (grid < schedule.sigma_min)] = schedule.sigma_min
     return grid

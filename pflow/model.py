@@ -14,9 +14,11 @@ its output to ``eps`` exactly:
 Solvers never see the prediction type (k-diffusion's ``external.py`` and EDM's
 ``*Precond`` do the same). Besides ``model(xbar, sigma)`` a model may offer
 ``model.eps_from_xt(x_t, sigma)``, the same function of the state in the network's own
-scale ``x_t = xbar / sqrt(1 + sigma^2)``; solvers keep their state in that scale
-because it is far better conditioned in float32 than ``xbar`` (``sigma_max`` is ~157 for
-the linear schedule).
+scale ``x_t = xbar / sqrt(1 + sigma^2)``, and ``model.predict_xt(x_t, sigma) ->
+(eps, x0_hat)``. Solvers keep their state in that scale and write each step around the
+denoised ``x0_hat`` (``xbar_next = x0_hat + sigma_next * eps`` for Euler), because that
+is far better conditioned in float32 than ``xbar`` (``sigma_max`` is ~157 for the linear
+schedule and above 1e4 for the cosine one).
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ class EpsModel:
         if not callable(net):
             raise TypeError(f"net must be callable as net(x_t, t), got {type(net).__name__}")
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a pflow.NoiseSchedule, got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be a pflow.NoiseSchedule, got {type(schedule).__name__}"
+            )
         if prediction not in _PREDICTIONS:
             raise ValueError(
                 f"prediction must be one of {', '.join(_PREDICTIONS)}; got {prediction!r}"
@@ -105,8 +109,10 @@ class EpsModel:
         self.t_dtype = t_dtype
 
     def __repr__(self) -> str:
-        return (f"EpsModel(net={type(self.net).__name__}, {self.schedule!r}, "
-                f"prediction={self.prediction!r}, quantize={self.quantize})")
+        return (
+            f"EpsModel(net={type(self.net).__name__}, {self.schedule!r}, "
+            f"prediction={self.prediction!r}, quantize={self.quantize})"
+        )
 
     def timesteps(self, sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:
         """The ``t`` tensor of shape ``(batch,)`` handed to the network at ``sigma``."""
@@ -121,8 +127,14 @@ class EpsModel:
             return torch.full((batch,), round(t_val), dtype=torch.long, device=like.device)
         return torch.full((batch,), t_val, dtype=dtype, device=like.device)
 
-    def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:
-        """``eps`` from the state in the network's own scale, ``x_t = xbar / sqrt(1+sigma^2)``."""
+    def predict_xt(self, x_t: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, x0_hat)`` from the state in the network's scale ``x_t``.
+
+        Each is computed the well-conditioned way for the network's prediction type: a
+        v-prediction gives ``x0_hat = sqrt(a) x_t - sqrt(1-a) v`` without dividing by a tiny
+        ``sqrt(a)`` (the cosine schedule's ``sqrt(a)`` falls below 1e-4), which is what
+        keeps a float32 solve within round-off of a float64 one.
+        """
         if isinstance(sigma, Tensor) and sigma.ndim == 0:
             sigma = float(sigma)
         t = self.timesteps(sigma, x_t.shape[0], x_t)
@@ -135,18 +147,28 @@ class EpsModel:
                 f"{tuple(x_t.shape)}; pflow needs a prediction of the input's shape"
             )
         out = out.to(x_t.dtype)
-        if self.prediction == "epsilon":
-            return out
+        sqrt_a: float | Tensor
+        sqrt_1ma: float | Tensor
+        sig: float | Tensor
+        root: float | Tensor
         if isinstance(sigma, Tensor):
             s = sigma_column(sigma, x_t)
-            sqrt_a = (1 / (1 + s**2).sqrt()).to(x_t.dtype)
-            sqrt_1ma = (s / (1 + s**2).sqrt()).to(x_t.dtype)
+            root64 = (1 + s**2).sqrt()
+            sqrt_a, sqrt_1ma = (1 / root64).to(x_t.dtype), (s / root64).to(x_t.dtype)
+            sig, root = s.to(x_t.dtype), root64.to(x_t.dtype)
         else:
-            root = math.sqrt(1 + float(sigma) ** 2)
-            sqrt_a, sqrt_1ma = 1 / root, float(sigma) / root  # type: ignore[assignment]
+            sig = float(sigma)
+            root = math.sqrt(1 + sig**2)
+            sqrt_a, sqrt_1ma = 1 / root, sig / root
+        if self.prediction == "epsilon":
+            return out, x_t * root - sig * out
         if self.prediction == "sample":
-            return (x_t - sqrt_a * out) / sqrt_1ma
-        return sqrt_1ma * x_t + sqrt_a * out
+            return (x_t - sqrt_a * out) / sqrt_1ma, out
+        return sqrt_1ma * x_t + sqrt_a * out, sqrt_a * x_t - sqrt_1ma * out
+
+    def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:
+        """``eps`` from the state in the network's own scale, ``x_t = xbar / sqrt(1+sigma^2)``."""
+        return self.predict_xt(x_t, sigma)[0]
 
     def __call__(self, xbar: Tensor, sigma: float | Tensor) -> Tensor:
         """``eps_theta(xbar / sqrt(sigma^2 + 1), t(sigma))``."""

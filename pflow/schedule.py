@@ -24,11 +24,15 @@ __all__ = ["NoiseSchedule"]
 
 
 def _as_float64_1d(values: Tensor | np.ndarray | list[float], name: str) -> Tensor:
-    t = torch.as_tensor(np.asarray(values, dtype=np.float64) if not isinstance(values, Tensor)
-                        else values.detach().cpu().to(torch.float64))
+    t = torch.as_tensor(
+        np.asarray(values, dtype=np.float64)
+        if not isinstance(values, Tensor)
+        else values.detach().cpu().to(torch.float64)
+    )
     if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D sequence of at least 2 values, got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D sequence of at least 2 values, got shape {tuple(t.shape)}"
+        )
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} must be finite")
     return t
@@ -61,8 +65,10 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor | np.ndarray | list[float]) -> NoiseSchedule:
-        """A schedule from its ``a_t`` table (for example a diffusers scheduler's ``alphas_cumprod``)."""
+    def from_alphas_cumprod(
+        cls, alphas_cumprod: Tensor | np.ndarray | list[float]
+    ) -> NoiseSchedule:
+        """A schedule from its ``a_t`` table (a diffusers scheduler's ``alphas_cumprod``)."""
         return cls(alphas_cumprod)
 
     @classmethod
@@ -90,9 +96,7 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """Stable Diffusion's schedule: ``sqrt(beta_t)`` evenly spaced, then squared."""
         _check_steps(num_train_timesteps)
-        return cls.from_betas(
-            np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
-        )
+        return cls.from_betas(np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2)
 
     @classmethod
     def cosine(
@@ -126,8 +130,10 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     def __repr__(self) -> str:
-        return (f"NoiseSchedule(N={self.num_train_timesteps}, sigma_min={self.sigma_min:.4g}, "
-                f"sigma_max={self.sigma_max:.4g})")
+        return (
+            f"NoiseSchedule(N={self.num_train_timesteps}, sigma_min={self.sigma_min:.4g}, "
+            f"sigma_max={self.sigma_max:.4g})"
+        )
 
     # ------------------------------------------------------------------ sigma <-> t
     @overload
@@ -146,8 +152,9 @@ class NoiseSchedule:
         arr = np.asarray(sigma, dtype=np.float64)
         with np.errstate(divide="ignore"):
             log_sigma = np.log(arr)
-        t = np.interp(log_sigma, self._log_sigmas_np, np.arange(self.num_train_timesteps,
-                                                                 dtype=np.float64))
+        t = np.interp(
+            log_sigma, self._log_sigmas_np, np.arange(self.num_train_timesteps, dtype=np.float64)
+        )
         return float(t) if np.ndim(sigma) == 0 and not isinstance(sigma, np.ndarray) else t
 
     @overload

@@ -61,8 +61,9 @@ def _check_state(name: str, x: Any) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (batch, ...) with batch >= 1, got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape (batch, ...) with batch >= 1, got {tuple(x.shape)}"
+        )
     return x
 
 
@@ -88,8 +89,7 @@ def _resolve_grid(
                 "from rtol and atol (pass sigmas= to fix the points it must pass through)"
             )
         end = [0.0] if grid_options.get("set_alpha_to_one", True) else []
-        return validate_sigmas([schedule.sigma_max, schedule.sigma_min, *end],
-                               schedule=schedule)
+        return validate_sigmas([schedule.sigma_max, schedule.sigma_min, *end], schedule=schedule)
     if steps is None:
         raise ValueError("steps is required for a fixed-step solver (or pass sigmas=)")
     return get_sigmas(schedule, steps, spacing, **grid_options)
@@ -161,13 +161,23 @@ def sample(
             max_nfe = 100_000
     elif rtol is not None or atol is not None:
         raise ValueError(f"rtol/atol apply to adaptive solvers; {solver!r} walks a fixed grid")
-    if max_nfe is not None and (isinstance(max_nfe, bool) or int(max_nfe) != max_nfe
-                                or max_nfe < 1):
+    if max_nfe is not None and (
+        isinstance(max_nfe, bool) or int(max_nfe) != max_nfe or max_nfe < 1
+    ):
         raise ValueError(f"max_nfe must be a positive integer, got {max_nfe!r}")
     _solver_options(spec, solver_options)
-    return _run(model, noise, spec.name, grid, max_nfe=max_nfe, last_step=last_step,
-                record=return_trajectory, partial=return_partial,
-                check_finite=check_finite, options=options)
+    return _run(
+        model,
+        noise,
+        spec.name,
+        grid,
+        max_nfe=max_nfe,
+        last_step=last_step,
+        record=return_trajectory,
+        partial=return_partial,
+        check_finite=check_finite,
+        options=options,
+    )
 
 
 def _positive(name: str, value: float) -> float:
@@ -194,8 +204,9 @@ def _run(
     spec = get_solver(solver)
     ode = PFODE(model, max_nfe=max_nfe, check_finite=check_finite)
     with torch.no_grad():
-        out = spec.run(ode, x, grid.tolist(), last_step=last_step, record=record,
-                       partial=partial, **options)
+        out = spec.run(
+            ode, x, grid.tolist(), last_step=last_step, record=record, partial=partial, **options
+        )
     traj = torch.stack(out.trajectory) if out.trajectory is not None else None
     return SolveResult(
         x=out.x,

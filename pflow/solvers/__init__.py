@@ -38,13 +38,20 @@ class SolverSpec:
 
 
 def _rk_fixed(tab: ButcherTableau, summary: str) -> SolverSpec:
-    return SolverSpec(tab.name, False, tab.order, partial(solve_fixed, tableau=tab),
-                      summary=summary)
+    return SolverSpec(
+        tab.name, False, tab.order, partial(solve_fixed, tableau=tab), summary=summary
+    )
 
 
 def _rk_adaptive(name: str, tab: ButcherTableau, summary: str) -> SolverSpec:
-    return SolverSpec(name, True, tab.order, partial(solve_adaptive, tableau=tab),
-                      options=("rtol", "atol", "first_step"), summary=summary)
+    return SolverSpec(
+        name,
+        True,
+        tab.order,
+        partial(solve_adaptive, tableau=tab),
+        options=("rtol", "atol", "first_step"),
+        summary=summary,
+    )
 
 
 _REGISTRY: dict[str, SolverSpec] = {
@@ -70,9 +77,7 @@ def get_solver(name: str) -> SolverSpec:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"solver must be one of {', '.join(_REGISTRY)}; got {name!r}"
-        ) from None
+        raise ValueError(f"solver must be one of {', '.join(_REGISTRY)}; got {name!r}") from None
 
 
 def register(spec: SolverSpec) -> None:
@@ -84,8 +89,9 @@ def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(given) - set(spec.options))
     if unknown:
         allowed = ", ".join(spec.options) or "none"
-        raise TypeError(f"solver {spec.name!r} does not take {', '.join(unknown)} "
-                        f"(its options: {allowed})")
+        raise TypeError(
+            f"solver {spec.name!r} does not take {', '.join(unknown)} (its options: {allowed})"
+        )
     return given
 
 

@@ -64,7 +64,7 @@ class PIController:
             return h * self.factor_min
         ratio = max(ratio, 1e-10)
         if accepted:
-            factor = self.safety * ratio ** (-self.beta1) * self._prev_ratio ** self.beta2
+            factor = self.safety * ratio ** (-self.beta1) * self._prev_ratio**self.beta2
             self._prev_ratio = max(ratio, 1e-4)
             factor = min(self.factor_max, max(self.factor_min, factor))
         else:

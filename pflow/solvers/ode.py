@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import MaxNFEExceeded, NonFiniteError
 from ..model import ODEModel, sigma_column
 
-__all__ = ["PFODE", "Outcome", "scale"]
+__all__ = ["PFODE", "Evaluation", "Outcome", "scale"]
 
 
 def scale(sigma: float) -> float:
@@ -38,35 +38,45 @@ class PFODE:
     sync; :meth:`raise_if_nonfinite` checks the record.
     """
 
-    def __init__(self, model: ODEModel, *, max_nfe: int | None = None,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self, model: ODEModel, *, max_nfe: int | None = None, check_finite: bool = True
+    ) -> None:
         self.model = model
         self.max_nfe = max_nfe
         self.check_finite = check_finite
         self.nfe = 0
+        self._predict = getattr(model, "predict_xt", None)
         self._direct = getattr(model, "eps_from_xt", None)
         self._finite: list[Tensor] = []
         self._finite_sigmas: list[float | Tensor] = []
 
-    def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+    def eval(self, x: Tensor, sigma: float | Tensor) -> Evaluation:
+        """One network evaluation at the state ``x`` (network scale) and ``sigma``."""
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
             raise MaxNFEExceeded(
                 f"max_nfe={self.max_nfe} network evaluations used up before sigma="
                 f"{_fmt(sigma)} was reached; raise max_nfe or loosen rtol/atol"
             )
         self.nfe += 1
-        if self._direct is not None:
-            out = self._direct(x, sigma)
+        x0: Tensor | None = None
+        if self._predict is not None:
+            eps, x0 = self._predict(x, sigma)
+        elif self._direct is not None:
+            eps = self._direct(x, sigma)
         else:
             if isinstance(sigma, Tensor):
                 xbar = x * (1 + sigma_column(sigma, x) ** 2).sqrt().to(x.dtype)
             else:
                 xbar = x * math.sqrt(1.0 + sigma * sigma)
-            out = self.model(xbar, sigma)
+            eps = self.model(xbar, sigma)
         if self.check_finite:
-            self._finite.append(torch.isfinite(out).all())
+            self._finite.append(torch.isfinite(eps).all())
             self._finite_sigmas.append(sigma)
-        return out
+        return Evaluation(x, sigma, eps, x0)
+
+    def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """``eps`` at ``(x, sigma)``: one network evaluation."""
+        return self.eval(x, sigma).eps
 
     def forget_finite(self) -> None:
         """Drop the finite-ness record (once something else has shown it was all finite)."""
@@ -86,6 +96,31 @@ class PFODE:
             f"the model returned NaN or inf at sigma={_fmt(self._finite_sigmas[first])} "
             f"(network evaluation {first + 1})"
         )
+
+
+class Evaluation:
+    """The network's answer at ``(x, sigma)``: ``eps`` and the denoised ``x0_hat``.
+
+    ``x0_hat = xbar - sigma * eps`` is taken from the model when it offers a better
+    conditioned one (:meth:`pflow.EpsModel.predict_xt`), else computed on first use.
+    """
+
+    __slots__ = ("x", "sigma", "eps", "_x0")
+
+    def __init__(self, x: Tensor, sigma: float | Tensor, eps: Tensor, x0: Tensor | None) -> None:
+        self.x, self.sigma, self.eps, self._x0 = x, sigma, eps, x0
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            if isinstance(self.sigma, Tensor):
+                s = sigma_column(self.sigma, self.x)
+                self._x0 = (
+                    self.x * (1 + s**2).sqrt().to(self.x.dtype) - s.to(self.x.dtype) * self.eps
+                )
+            else:
+                self._x0 = self.x * math.sqrt(1.0 + self.sigma**2) - self.sigma * self.eps
+        return self._x0
 
 
 def _fmt(sigma: float | Tensor) -> str:

@@ -26,20 +26,34 @@ from torch import Tensor
 
 from ..errors import MaxNFEExceeded
 from .controller import PIController, error_ratio, rms_per_sample
-from .ode import PFODE, Outcome, scale
+from .ode import PFODE, Evaluation, Outcome, scale
 from .tableau import EULER, ButcherTableau
 
 __all__ = ["rk_step", "solve_fixed", "solve_adaptive"]
 
 
-def _combine(x: Tensor, x_coef: float, ks: list[Tensor], coefs: tuple[float, ...] | list[float],
-             h_scale: float) -> Tensor:
-    """``x * x_coef + h_scale * sum_j coefs[j] * ks[j]``, skipping zero weights."""
-    out = x * x_coef if x_coef != 1.0 else x.clone()
+def _combine(base: Tensor, base_coef: float, ks: list[Tensor], coefs: list[float]) -> Tensor:
+    """``base * base_coef + sum_j coefs[j] * ks[j]``, skipping zero weights."""
+    out = base * base_coef if base_coef != 1.0 else base.clone()
     for k, w in zip(ks, coefs):
         if w != 0.0:
-            out.add_(k, alpha=h_scale * w)
+            out.add_(k, alpha=w)
     return out
+
+
+def _stage(
+    first: Evaluation,
+    ks: list[Tensor],
+    weights: tuple[float, ...],
+    sigma: float,
+    h: float,
+    sigma_i: float,
+) -> Tensor:
+    """``C(sigma_i) * (xbar + h * sum_j weights[j] * ks[j])`` with ``xbar`` written as
+    ``x0_hat + sigma * eps`` of the first stage: the well-conditioned form."""
+    c_i = scale(sigma_i)
+    coefs = [c_i * (sigma + h * weights[0])] + [c_i * h * w for w in weights[1:]]
+    return _combine(first.x0, c_i, ks, coefs)
 
 
 def rk_step(
@@ -48,42 +62,44 @@ def rk_step(
     x: Tensor,
     sigma: float,
     h: float,
-    k1: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    first: Evaluation | None = None,
+) -> tuple[Tensor, Tensor | None, list[Evaluation]]:
     """One step of ``tab`` from ``(x, sigma)`` to ``sigma + h``.
+
+    Every stage state is written around the first stage's denoised estimate,
+    ``xbar_i = x0_hat + (sigma + h a_i1) eps_1 + h sum_{j>1} a_ij eps_j``, and kept in the
+    network's scale: for Euler this is DDIM's own ``x0_hat + sigma_next * eps``.
 
     Args:
         x: state in the network's scale at ``sigma``.
-        k1: ``eps`` at ``(x, sigma)`` if already known (FSAL), saving one evaluation.
+        first: the evaluation at ``(x, sigma)`` if already known (FSAL), saving one NFE.
 
     Returns:
-        ``(x_next, err, ks)``: the new state, the embedded error estimate in the network's
-        scale (``None`` for a method without one) and the stage derivatives.
+        ``(x_next, err, evals)``: the new state, the embedded error estimate in the
+        network's scale (``None`` for a method without one) and the stage evaluations.
     """
-    c0 = scale(sigma)
     sigma_next = sigma + h
-    ks: list[Tensor] = []
+    evals = [first if first is not None else ode.eval(x, sigma)]
+    ks = [evals[0].eps]
     x_next: Tensor | None = None
-    for i in range(tab.stages):
-        if i == 0 and k1 is not None:
-            ks.append(k1)
-            continue
+    for i in range(1, tab.stages):
         s_i = sigma + tab.c[i] * h if tab.c[i] != 1.0 else sigma_next
-        c_i = scale(s_i)
-        x_i = x if i == 0 else _combine(x, c_i / c0, ks, tab.a[i], c_i * h)
+        x_i = _stage(evals[0], ks, tab.a[i], sigma, h, s_i)
         if tab.fsal and i == tab.stages - 1:
             x_next = x_i
-        ks.append(ode.eps(x_i, s_i))
-    c1 = scale(sigma_next)
+        evals.append(ode.eval(x_i, s_i))
+        ks.append(evals[-1].eps)
     if x_next is None:
-        x_next = _combine(x, c1 / c0, ks, tab.b, c1 * h)
-    err = _combine(x, 0.0, ks, tab.e, c1 * h) if tab.adaptive else None
-    return x_next, err, ks
+        x_next = _stage(evals[0], ks, tab.b, sigma, h, sigma_next)
+    c_next = scale(sigma_next)
+    err = _combine(x, 0.0, ks, [c_next * h * e for e in tab.e]) if tab.adaptive else None
+    return x_next, err, evals
 
 
-def _euler_into(ode: PFODE, x: Tensor, sigma: float, sigma_next: float,
-                k1: Tensor | None = None) -> Tensor:
-    return rk_step(ode, EULER, x, sigma, sigma_next - sigma, k1=k1)[0]
+def _euler_into(
+    ode: PFODE, x: Tensor, sigma: float, sigma_next: float, first: Evaluation | None = None
+) -> Tensor:
+    return rk_step(ode, EULER, x, sigma, sigma_next - sigma, first=first)[0]
 
 
 def solve_fixed(
@@ -114,12 +130,22 @@ def solve_fixed(
             raise
         finished, message = False, str(exc)
     ode.raise_if_nonfinite()
-    return Outcome(x, visited, n_accepted=len(visited) - 1, trajectory=traj,
-                   finished=finished, message=message)
+    return Outcome(
+        x, visited, n_accepted=len(visited) - 1, trajectory=traj, finished=finished, message=message
+    )
 
 
-def _initial_step(ode: PFODE, tab: ButcherTableau, x: Tensor, sigma: float, k0: Tensor,
-                  direction: float, span: float, rtol: float, atol: float) -> float:
+def _initial_step(
+    ode: PFODE,
+    tab: ButcherTableau,
+    x: Tensor,
+    sigma: float,
+    k0: Tensor,
+    direction: float,
+    span: float,
+    rtol: float,
+    atol: float,
+) -> float:
     """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), measured in the
     network's scale. Costs one evaluation."""
     sc = atol + rtol * x.abs()
@@ -164,7 +190,7 @@ def solve_adaptive(
     visited = [grid[0]]
     traj = [x.clone()] if record else None
     n_acc = n_rej = 0
-    k: Tensor | None = None  # eps at (x, sigma) when known (FSAL)
+    k: Evaluation | None = None  # the evaluation at (x, sigma) when known (FSAL)
     h_abs: float | None = first_step
     sigma = grid[0]
     finished, message = True, ""
@@ -172,7 +198,7 @@ def solve_adaptive(
         for target in grid[1:]:
             direction = 1.0 if target > sigma else -1.0
             if target == 0.0 and last_step == "euler":
-                x = _euler_into(ode, x, sigma, target, k1=k)
+                x = _euler_into(ode, x, sigma, target, first=k)
                 k, sigma = None, target
                 n_acc += 1
                 visited.append(sigma)
@@ -181,14 +207,15 @@ def solve_adaptive(
                 continue
             while sigma != target:
                 if k is None:
-                    k = ode.eps(x, sigma)
+                    k = ode.eval(x, sigma)
                 remaining = abs(target - sigma)
                 if h_abs is None:
-                    h_abs = _initial_step(ode, tableau, x, sigma, k, direction, remaining,
-                                          rtol, atol)
+                    h_abs = _initial_step(
+                        ode, tableau, x, sigma, k.eps, direction, remaining, rtol, atol
+                    )
                 clipped = h_abs >= remaining * (1 - 1e-12)
                 h = direction * (remaining if clipped else h_abs)
-                x_next, err, ks = rk_step(ode, tableau, x, sigma, h, k1=k)
+                x_next, err, evals = rk_step(ode, tableau, x, sigma, h, first=k)
                 assert err is not None
                 ratio = float(error_ratio(err, x, x_next, rtol, atol).max())
                 if not math.isfinite(ratio):
@@ -200,7 +227,7 @@ def solve_adaptive(
                     n_acc += 1
                     x = x_next
                     sigma = target if clipped else sigma + h
-                    k = ks[-1] if tableau.fsal else None
+                    k = evals[-1] if tableau.fsal else None
                     visited.append(sigma)
                     if traj is not None:
                         traj.append(x.clone())
@@ -221,5 +248,12 @@ def solve_adaptive(
             raise
         finished, message = False, str(exc)
     ode.raise_if_nonfinite()
-    return Outcome(x, visited, n_accepted=n_acc, n_rejected=n_rej, trajectory=traj,
-                   finished=finished, message=message)
+    return Outcome(
+        x,
+        visited,
+        n_accepted=n_acc,
+        n_rejected=n_rej,
+        trajectory=traj,
+        finished=finished,
+        message=message,
+    )

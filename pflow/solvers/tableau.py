@@ -58,8 +58,9 @@ class ButcherTableau:
                 raise ValueError(f"{self.name}: b_hat must have {s} entries summing to 1")
             if self.error_order is None:
                 raise ValueError(f"{self.name}: an embedded pair needs error_order")
-        if self.fsal and (self.c[-1] != 1 or tuple(self.a[-1]) != tuple(self.b[:-1])
-                          or self.b[-1] != 0):
+        if self.fsal and (
+            self.c[-1] != 1 or tuple(self.a[-1]) != tuple(self.b[:-1]) or self.b[-1] != 0
+        ):
             raise ValueError(f"{self.name}: fsal needs c[-1] = 1, a[-1] = b[:-1], b[-1] = 0")
         e = tuple(bi - bh for bi, bh in zip(self.b, self.b_hat)) if self.b_hat else ()
         object.__setattr__(self, "e", e)
@@ -86,7 +87,8 @@ MIDPOINT = ButcherTableau("midpoint", 2, c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1
 HEUN = ButcherTableau("heun", 2, c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5))
 
 RK4 = ButcherTableau(
-    "rk4", 4,
+    "rk4",
+    4,
     c=(0.0, 0.5, 0.5, 1.0),
     a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
     b=_f("1/6", "1/3", "1/3", "1/6"),
@@ -94,7 +96,8 @@ RK4 = ButcherTableau(
 
 # Bogacki & Shampine (1989): a 3(2) pair with FSAL.
 BOSH3 = ButcherTableau(
-    "bosh3", 3,
+    "bosh3",
+    3,
     c=_f(0, "1/2", "3/4", 1),
     a=((), _f("1/2"), _f(0, "3/4"), _f("2/9", "1/3", "4/9")),
     b=_f("2/9", "1/3", "4/9", 0),
@@ -105,7 +108,8 @@ BOSH3 = ButcherTableau(
 
 # Dormand & Prince (1980): the 5(4) pair behind ode45 / RK45 / dopri5, FSAL.
 DOPRI5 = ButcherTableau(
-    "dopri5", 5,
+    "dopri5",
+    5,
     c=_f(0, "1/5", "3/10", "4/5", "8/9", 1, 1),
     a=(
         (),

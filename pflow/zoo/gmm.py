@@ -62,10 +62,15 @@ class GaussianMixture:
                 raise ValueError("full covs must be positive definite")
             self._eigvecs, self._eigvals = vecs, vals
         else:
-            raise ValueError(f"covs must have shape (K, D) or (K, D, D) = ({k}, {d}[, {d}]), got "
-                             f"{tuple(cov.shape)}")
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float64)
+            raise ValueError(
+                f"covs must have shape (K, D) or (K, D, D) = ({k}, {d}[, {d}]), got "
+                f"{tuple(cov.shape)}"
+            )
+        w = (
+            torch.full((k,), 1.0 / k, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (k,) or not (w > 0).all():
             raise ValueError(f"weights must be {k} positive numbers")
         self.means = mu
@@ -128,11 +133,17 @@ class GaussianMixture:
         s = sigma_column(sigma, xbar)
         return (-s * self.score(xbar, sigma)).to(xbar.dtype)
 
-    def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:
-        """The exact ``eps`` given the state in the network's scale ``x_t``."""
+    def predict_xt(self, x_t: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """The exact ``(eps, x0_hat)`` given the state in the network's scale ``x_t``, where
+        ``x0_hat = E[x0 | xbar] = xbar - sigma * eps`` (computed in float64)."""
         s = sigma_column(sigma, x_t)
         xbar = x_t.to(torch.float64) * (1 + s**2).sqrt()
-        return (-s * self.score(xbar, sigma)).to(x_t.dtype)
+        eps = -s * self.score(xbar, sigma)
+        return eps.to(x_t.dtype), (xbar - s * eps).to(x_t.dtype)
+
+    def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:
+        """The exact ``eps`` given the state in the network's scale ``x_t``."""
+        return self.predict_xt(x_t, sigma)[0]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws from the data distribution, ``(n, D)`` float64."""
