@@ -1,0 +1,253 @@
+"""The quality-versus-cost benchmark: solvers x grids x step counts on one model.
+
+Every row solves from the same noise ``x_T`` (float32, seeded) and is judged against the
+reference endpoint from that noise: a float64 ``rk45`` solve at a tight tolerance, cached
+on disk. NFE is what the wrapped model counted. Each finished row is written at once
+(atomically), so an interrupted sweep loses nothing and ``resume`` skips what is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .metrics import gmm_nll, trajectory_rmse
+from .solve import sample
+from .solvers import get_solver
+from .zoo.registry import BundledModel, load_model
+
+__all__ = ["BenchConfig", "Row", "run_bench", "format_table"]
+
+
+@dataclass
+class BenchConfig:
+    """What to sweep. Fixed-step solvers run every ``spacing`` x ``steps``; adaptive ones
+    run every tolerance in ``tols`` (rtol = atol) and land on the same NFE axis."""
+
+    model: str = "gmm"
+    solvers: Sequence[str] = ("euler", "heun", "rk4", "rk45")
+    steps: Sequence[int] = (5, 10, 20, 50)
+    spacings: Sequence[str] = ("trailing",)
+    tols: Sequence[float] = (1e-2, 1e-3, 1e-4)
+    samples: int = 256
+    seed: int = 0
+    ref_tol: float = 1e-9
+    out: str | None = None
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Row:
+    """One solver at one setting."""
+
+    solver: str
+    spacing: str
+    steps: int | None
+    tol: float | None
+    nfe: int
+    rmse: float
+    metric: float | None
+    metric_name: str
+    wall_s: float
+    peer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.solver}|{self.spacing}|{self.steps}|{self.tol}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _noise(bundle: BundledModel, samples: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, *bundle.shape, generator=g, dtype=torch.float64)
+
+
+def reference_endpoint(bundle: BundledModel, noise64: torch.Tensor, ref_tol: float,
+                       cache_dir: Path | None, cache_key: str) -> tuple[torch.Tensor, int]:
+    """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
+    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk."""
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+        path = cache_dir / f"reference-{digest}.safetensors"
+        if path.exists():
+            loaded = load_file(str(path))
+            return loaded["x"], int(loaded["nfe"].item())
+    res = sample(bundle.model, noise64, "rk45", rtol=ref_tol, atol=ref_tol,
+                 last_step=bundle.last_step)  # type: ignore[arg-type]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"x": res.x.contiguous(), "nfe": torch.tensor(res.nfe)}, str(tmp),
+                  metadata={"key": cache_key})
+        os.replace(tmp, path)
+    return res.x, res.nfe
+
+
+def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float | None]]:
+    for solver in config.solvers:
+        if get_solver(solver).adaptive:
+            for tol in config.tols:
+                yield solver, "adaptive", None, tol
+        else:
+            for spacing in config.spacings:
+                for steps in config.steps:
+                    yield solver, spacing, steps, None
+
+
+def _validate(config: BenchConfig) -> None:
+    for solver in config.solvers:
+        get_solver(solver)
+    for n in config.steps:
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"steps must be integers >= 1, got {n!r}")
+    for tol in config.tols:
+        if not tol > 0:
+            raise ValueError(f"tols must be > 0, got {tol!r}")
+    if config.samples < 1:
+        raise ValueError(f"samples must be >= 1, got {config.samples}")
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.done = total, 0
+        self.live = not quiet and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.live:
+            elapsed = time.perf_counter() - self.t0
+            bar = "#" * int(30 * self.done / self.total)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done}/{self.total} {elapsed:6.1f}s {label:<28}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def run_bench(config: BenchConfig) -> list[Row]:
+    """Run the sweep; with ``config.out`` set, write ``bench.json`` and ``bench.csv`` after
+    every row."""
+    _validate(config)
+    bundle = load_model(config.model)
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})")
+    noise64 = _noise(bundle, config.samples, config.seed)
+    noise = noise64.float()
+    key = json.dumps({"model": config.model, "samples": config.samples, "seed": config.seed,
+                      "ref_tol": config.ref_tol, "last_step": bundle.last_step})
+    ref, ref_nfe = reference_endpoint(bundle, noise64, config.ref_tol,
+                                      out / ".cache" if out else None, key)
+    done: dict[str, Row] = {}
+    json_path = out / "bench.json" if out else None
+    if config.resume and json_path is not None and json_path.exists():
+        for r in json.loads(json_path.read_text()).get("rows", []):
+            row = Row(**r)
+            done[row.key] = row
+    rows: list[Row] = []
+    todo = list(_settings(config))
+    progress = _Progress(len(todo), config.quiet)
+    for solver, spacing, steps, tol in todo:
+        probe_key = Row(solver, spacing, steps, tol, 0, 0.0, None, "", 0.0).key
+        if probe_key in done:
+            rows.append(done[probe_key])
+            progress.step(f"{solver} (resumed)")
+            continue
+        kwargs: dict[str, Any] = {"last_step": bundle.last_step}
+        if tol is None:
+            kwargs.update(steps=steps, spacing=spacing)
+        else:
+            kwargs.update(rtol=tol, atol=tol)
+        t0 = time.perf_counter()
+        res = sample(bundle.model, noise, solver, **kwargs)
+        wall = time.perf_counter() - t0
+        metric, metric_name = None, ""
+        if bundle.exact is not None:
+            metric, metric_name = gmm_nll(bundle.exact, res.x), "nll"
+        row = Row(solver, spacing, steps, tol, res.nfe, trajectory_rmse(res.x, ref), metric,
+                  metric_name, wall, extra={"n_rejected": res.n_rejected})
+        rows.append(row)
+        if out is not None:
+            _write(out, config, bundle, rows, ref_nfe)
+        progress.step(f"{solver} {spacing} {steps or tol}")
+    if out is not None:
+        _write(out, config, bundle, rows, ref_nfe)
+    return rows
+
+
+def _write(out: Path, config: BenchConfig, bundle: BundledModel, rows: list[Row],
+           ref_nfe: int) -> None:
+    payload = {
+        "config": asdict(config),
+        "model": {"name": bundle.name, "description": bundle.description,
+                  "shape": list(bundle.shape), "last_step": bundle.last_step},
+        "reference": {"solver": "rk45", "dtype": "float64", "tol": config.ref_tol,
+                      "nfe": ref_nfe},
+        "rows": [asdict(r) for r in rows],
+    }
+    _atomic_write(out / "bench.json", json.dumps(payload, indent=1))
+    fields = ["solver", "spacing", "steps", "tol", "nfe", "rmse", "metric", "metric_name",
+              "wall_s", "peer"]
+    lines: list[str] = []
+
+    class _Sink:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+    writer = csv.DictWriter(_Sink(), fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    _atomic_write(out / "bench.csv", "".join(lines))
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text table, one row per solver and setting, sorted by solver then NFE."""
+    metric_name = next((r.metric_name for r in rows if r.metric_name), "")
+    head = ["solver", "grid", "steps/tol", "NFE", "RMSE vs ref", metric_name or "metric",
+            "time s"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r.peer, r.solver, r.spacing, r.nfe)):
+        setting = str(r.steps) if r.steps is not None else f"{r.tol:g}"
+        metric = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
+        name = r.solver + (" (peer)" if r.peer else "")
+        body.append([name, r.spacing, setting, str(r.nfe), f"{r.rmse:.3e}", metric,
+                     f"{r.wall_s:.2f}"])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*b) for b in body]
+    return "\n".join(lines)
