@@ -88,8 +88,13 @@ def _noise(bundle: BundledModel, samples: int, seed: int) -> torch.Tensor:
     return torch.randn(samples, *bundle.shape, generator=g, dtype=torch.float64)
 
 
-def reference_endpoint(bundle: BundledModel, noise64: torch.Tensor, ref_tol: float,
-                       cache_dir: Path | None, cache_key: str) -> tuple[torch.Tensor, int]:
+def reference_endpoint(
+    bundle: BundledModel,
+    noise64: torch.Tensor,
+    ref_tol: float,
+    cache_dir: Path | None,
+    cache_key: str,
+) -> tuple[torch.Tensor, int]:
     """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
     from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk."""
     path = None
@@ -99,13 +104,17 @@ def reference_endpoint(bundle: BundledModel, noise64: torch.Tensor, ref_tol: flo
         if path.exists():
             loaded = load_file(str(path))
             return loaded["x"], int(loaded["nfe"].item())
-    res = sample(bundle.model, noise64, "rk45", rtol=ref_tol, atol=ref_tol,
-                 last_step=bundle.last_step)  # type: ignore[arg-type]
+    res = sample(
+        bundle.model, noise64, "rk45", rtol=ref_tol, atol=ref_tol, last_step=bundle.last_step
+    )  # type: ignore[arg-type]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({"x": res.x.contiguous(), "nfe": torch.tensor(res.nfe)}, str(tmp),
-                  metadata={"key": cache_key})
+        save_file(
+            {"x": res.x.contiguous(), "nfe": torch.tensor(res.nfe)},
+            str(tmp),
+            metadata={"key": cache_key},
+        )
         os.replace(tmp, path)
     return res.x, res.nfe
 
@@ -164,13 +173,21 @@ def run_bench(config: BenchConfig) -> list[Row]:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})")
+            raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})") from None
     noise64 = _noise(bundle, config.samples, config.seed)
     noise = noise64.float()
-    key = json.dumps({"model": config.model, "samples": config.samples, "seed": config.seed,
-                      "ref_tol": config.ref_tol, "last_step": bundle.last_step})
-    ref, ref_nfe = reference_endpoint(bundle, noise64, config.ref_tol,
-                                      out / ".cache" if out else None, key)
+    key = json.dumps(
+        {
+            "model": config.model,
+            "samples": config.samples,
+            "seed": config.seed,
+            "ref_tol": config.ref_tol,
+            "last_step": bundle.last_step,
+        }
+    )
+    ref, ref_nfe = reference_endpoint(
+        bundle, noise64, config.ref_tol, out / ".cache" if out else None, key
+    )
     done: dict[str, Row] = {}
     json_path = out / "bench.json" if out else None
     if config.resume and json_path is not None and json_path.exists():
@@ -197,8 +214,18 @@ def run_bench(config: BenchConfig) -> list[Row]:
         metric, metric_name = None, ""
         if bundle.exact is not None:
             metric, metric_name = gmm_nll(bundle.exact, res.x), "nll"
-        row = Row(solver, spacing, steps, tol, res.nfe, trajectory_rmse(res.x, ref), metric,
-                  metric_name, wall, extra={"n_rejected": res.n_rejected})
+        row = Row(
+            solver,
+            spacing,
+            steps,
+            tol,
+            res.nfe,
+            trajectory_rmse(res.x, ref),
+            metric,
+            metric_name,
+            wall,
+            extra={"n_rejected": res.n_rejected},
+        )
         rows.append(row)
         if out is not None:
             _write(out, config, bundle, rows, ref_nfe)
@@ -208,19 +235,33 @@ def run_bench(config: BenchConfig) -> list[Row]:
     return rows
 
 
-def _write(out: Path, config: BenchConfig, bundle: BundledModel, rows: list[Row],
-           ref_nfe: int) -> None:
+def _write(
+    out: Path, config: BenchConfig, bundle: BundledModel, rows: list[Row], ref_nfe: int
+) -> None:
     payload = {
         "config": asdict(config),
-        "model": {"name": bundle.name, "description": bundle.description,
-                  "shape": list(bundle.shape), "last_step": bundle.last_step},
-        "reference": {"solver": "rk45", "dtype": "float64", "tol": config.ref_tol,
-                      "nfe": ref_nfe},
+        "model": {
+            "name": bundle.name,
+            "description": bundle.description,
+            "shape": list(bundle.shape),
+            "last_step": bundle.last_step,
+        },
+        "reference": {"solver": "rk45", "dtype": "float64", "tol": config.ref_tol, "nfe": ref_nfe},
         "rows": [asdict(r) for r in rows],
     }
     _atomic_write(out / "bench.json", json.dumps(payload, indent=1))
-    fields = ["solver", "spacing", "steps", "tol", "nfe", "rmse", "metric", "metric_name",
-              "wall_s", "peer"]
+    fields = [
+        "solver",
+        "spacing",
+        "steps",
+        "tol",
+        "nfe",
+        "rmse",
+        "metric",
+        "metric_name",
+        "wall_s",
+        "peer",
+    ]
     lines: list[str] = []
 
     class _Sink:
@@ -237,15 +278,15 @@ def _write(out: Path, config: BenchConfig, bundle: BundledModel, rows: list[Row]
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table, one row per solver and setting, sorted by solver then NFE."""
     metric_name = next((r.metric_name for r in rows if r.metric_name), "")
-    head = ["solver", "grid", "steps/tol", "NFE", "RMSE vs ref", metric_name or "metric",
-            "time s"]
+    head = ["solver", "grid", "steps/tol", "NFE", "RMSE vs ref", metric_name or "metric", "time s"]
     body = []
     for r in sorted(rows, key=lambda r: (r.peer, r.solver, r.spacing, r.nfe)):
         setting = str(r.steps) if r.steps is not None else f"{r.tol:g}"
         metric = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
         name = r.solver + (" (peer)" if r.peer else "")
-        body.append([name, r.spacing, setting, str(r.nfe), f"{r.rmse:.3e}", metric,
-                     f"{r.wall_s:.2f}"])
+        body.append(
+            [name, r.spacing, setting, str(r.nfe), f"{r.rmse:.3e}", metric, f"{r.wall_s:.2f}"]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*["-" * w for w in widths])]

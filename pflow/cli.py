@@ -18,7 +18,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
@@ -28,7 +30,9 @@ def _float_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
     return values
@@ -52,20 +56,43 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="sweep solvers x grids x steps; error vs NFE table")
     defaults = BenchConfig()
-    b.add_argument("--model", default=defaults.model,
-                   help="bundled model name or module:factory (default %(default)s)")
-    b.add_argument("--solvers", type=_name_list(available_solvers(), "solver"),
-                   default=list(defaults.solvers), help="comma-separated solver names")
-    b.add_argument("--steps", type=_int_list, default=list(defaults.steps),
-                   help="comma-separated step counts for fixed-step solvers")
-    b.add_argument("--spacing", type=_name_list(SPACINGS, "spacing"),
-                   default=list(defaults.spacings), help="comma-separated grid spacings")
-    b.add_argument("--tols", type=_float_list, default=list(defaults.tols),
-                   help="comma-separated tolerances (rtol = atol) for adaptive solvers")
+    b.add_argument(
+        "--model",
+        default=defaults.model,
+        help="bundled model name or module:factory (default %(default)s)",
+    )
+    b.add_argument(
+        "--solvers",
+        type=_name_list(available_solvers(), "solver"),
+        default=list(defaults.solvers),
+        help="comma-separated solver names",
+    )
+    b.add_argument(
+        "--steps",
+        type=_int_list,
+        default=list(defaults.steps),
+        help="comma-separated step counts for fixed-step solvers",
+    )
+    b.add_argument(
+        "--spacing",
+        type=_name_list(SPACINGS, "spacing"),
+        default=list(defaults.spacings),
+        help="comma-separated grid spacings",
+    )
+    b.add_argument(
+        "--tols",
+        type=_float_list,
+        default=list(defaults.tols),
+        help="comma-separated tolerances (rtol = atol) for adaptive solvers",
+    )
     b.add_argument("--samples", type=int, default=defaults.samples)
     b.add_argument("--seed", type=int, default=defaults.seed)
-    b.add_argument("--ref-tol", type=float, default=defaults.ref_tol,
-                   help="tolerance of the float64 reference solve")
+    b.add_argument(
+        "--ref-tol",
+        type=float,
+        default=defaults.ref_tol,
+        help="tolerance of the float64 reference solve",
+    )
     b.add_argument("--out", default=None, help="folder for bench.json / bench.csv")
     b.add_argument("--resume", action="store_true", help="skip rows already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,15 +101,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
-        model=args.model, solvers=args.solvers, steps=args.steps, spacings=args.spacing,
-        tols=args.tols, samples=args.samples, seed=args.seed, ref_tol=args.ref_tol,
-        out=args.out, resume=args.resume, quiet=args.quiet,
+        model=args.model,
+        solvers=args.solvers,
+        steps=args.steps,
+        spacings=args.spacing,
+        tols=args.tols,
+        samples=args.samples,
+        seed=args.seed,
+        ref_tol=args.ref_tol,
+        out=args.out,
+        resume=args.resume,
+        quiet=args.quiet,
     )
     t0 = time.perf_counter()
     rows = run_bench(config)
     print(format_table(rows))
-    print(f"\n{len(rows)} rows, {args.samples} samples, seed {args.seed}, "
-          f"{time.perf_counter() - t0:.1f}s" + (f"; written to {args.out}" if args.out else ""))
+    print(
+        f"\n{len(rows)} rows, {args.samples} samples, seed {args.seed}, "
+        f"{time.perf_counter() - t0:.1f}s" + (f"; written to {args.out}" if args.out else "")
+    )
     return 0
 
 

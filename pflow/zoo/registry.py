@@ -52,8 +52,12 @@ def builtin_gmm() -> BundledModel:
     weights = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
     gmm = GaussianMixture(means, covs, weights)
     return BundledModel(
-        "gmm", gmm, (dim,), "exact 8-D Gaussian mixture (5 components, full covariances)",
-        last_step="solver", exact=gmm,
+        "gmm",
+        gmm,
+        (dim,),
+        "exact 8-D Gaussian mixture (5 components, full covariances)",
+        last_step="solver",
+        exact=gmm,
     )
 
 
@@ -81,7 +85,9 @@ def load_model(name: str) -> BundledModel:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {name!r}: cannot import {attr!r} from {module_name!r} ({exc})")
+        raise ValueError(
+            f"model {name!r}: cannot import {attr!r} from {module_name!r} ({exc})"
+        ) from None
     made = factory()
     if isinstance(made, BundledModel):
         return made

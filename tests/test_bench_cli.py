@@ -1,0 +1,86 @@
+"""The benchmark and the command line: a tiny sweep writes its rows; bad arguments give
+a one-line error and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pflow.bench import BenchConfig, run_bench
+from pflow.cli import main
+
+TINY = [
+    "--model",
+    "gmm",
+    "--solvers",
+    "euler,heun,rk45",
+    "--steps",
+    "3,6",
+    "--tols",
+    "1e-2",
+    "--samples",
+    "16",
+    "--quiet",
+]
+
+
+def test_tiny_sweep_writes_json_and_csv(tmp_path, capsys):
+    assert main(["bench", *TINY, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "RMSE vs ref" in table and "rk45" in table
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["rows"]
+    assert {(r["solver"], r["steps"], r["tol"]) for r in rows} == {
+        ("euler", 3, None),
+        ("euler", 6, None),
+        ("heun", 3, None),
+        ("heun", 6, None),
+        ("rk45", None, 0.01),
+    }
+    by = {(r["solver"], r["steps"]): r for r in rows}
+    assert by[("euler", 3)]["nfe"] == 3 and by[("heun", 3)]["nfe"] == 6  # GMM: no Euler hop
+    assert by[("euler", 6)]["rmse"] < by[("euler", 3)]["rmse"]
+    assert data["reference"]["dtype"] == "float64"
+    csv_lines = (tmp_path / "bench.csv").read_text().strip().splitlines()
+    assert csv_lines[0].startswith("solver,") and len(csv_lines) == 6
+
+
+def test_resume_skips_finished_rows(tmp_path):
+    config = BenchConfig(
+        model="gmm", solvers=["euler"], steps=[2, 4], samples=8, out=str(tmp_path), quiet=True
+    )
+    first = run_bench(config)
+    # Mark the finished rows so a re-run that redid them would be visible.
+    path = tmp_path / "bench.json"
+    data = json.loads(path.read_text())
+    data["rows"] = data["rows"][:1]
+    data["rows"][0]["wall_s"] = -1.0
+    path.write_text(json.dumps(data))
+    config.resume = True
+    config.steps = [2, 4, 8]
+    rows = run_bench(config)
+    assert [r.steps for r in rows] == [2, 4, 8]
+    assert rows[0].wall_s == -1.0  # resumed, not recomputed
+    assert rows[1].rmse == pytest.approx(first[1].rmse)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["bench", "--solvers", "euler,nope"], "unknown solver nope"),
+        (["bench", "--model", "nosuchmodel"], "model must be one of"),
+        (["bench", "--steps", "0"], "integers >= 1"),
+        (["bench", "--steps", "abc"], "comma-separated integers"),
+        (["bench", "--out", "/proc/pflow-cannot-write", "--samples", "4"], "not writable"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(args, needle):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pflow.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
