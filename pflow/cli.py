@@ -51,10 +51,9 @@ def _name_list(known: Sequence[str], what: str):
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pflow", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="sweep solvers x grids x steps; error vs NFE table")
+    b.set_defaults(func=_bench)
     defaults = BenchConfig()
     b.add_argument(
         "--model",
@@ -96,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="folder for bench.json / bench.csv")
     b.add_argument("--resume", action="store_true", help="skip rows already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# Each command module exposes add_parsers(subparsers), setting func=handler(args) -> int.
+_COMMAND_ADDERS = [_add_bench]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pflow", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _COMMAND_ADDERS:
+        add(sub)
     return p
 
 
@@ -126,15 +136,13 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "bench":
-            return _bench(args)
+        return int(args.func(args))
     except (ValueError, TypeError, OSError) as exc:
         print(f"pflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pflow {args.command}: interrupted; finished rows are on disk", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
