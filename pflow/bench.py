@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .metrics import gmm_nll, trajectory_rmse
+from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
+from .model import EpsModel
 from .solve import sample
 from .solvers import get_solver
 from .zoo.registry import BundledModel, load_model
@@ -35,16 +36,23 @@ __all__ = ["BenchConfig", "Row", "run_bench", "format_table"]
 @dataclass
 class BenchConfig:
     """What to sweep. Fixed-step solvers run every ``spacing`` x ``steps``; adaptive ones
-    run every tolerance in ``tols`` (rtol = atol) and land on the same NFE axis."""
+    run every tolerance in ``tols`` (rtol = atol) and land on the same NFE axis. ``peers``
+    names diffusers schedulers (see :mod:`pflow.integrations.diffusers_peers`) that drive
+    the same network from the same noise at every ``steps``. ``ref_tol`` defaults to the
+    model's own (:class:`~pflow.zoo.registry.BundledModel`). ``grid_nfe``: the NFE near
+    which each solver's samples are drawn in ``samples.png``."""
 
-    model: str = "gmm"
+    model: str = "digits"
     solvers: Sequence[str] = ("euler", "heun", "rk4", "rk45")
     steps: Sequence[int] = (5, 10, 20, 50)
     spacings: Sequence[str] = ("trailing",)
     tols: Sequence[float] = (1e-2, 1e-3, 1e-4)
     samples: int = 256
     seed: int = 0
-    ref_tol: float = 1e-9
+    ref_tol: float | None = None
+    peers: Sequence[str] = ()
+    plots: bool = True
+    grid_nfe: int = 10
     out: str | None = None
     resume: bool = False
     quiet: bool = False
@@ -104,9 +112,9 @@ def reference_endpoint(
         if path.exists():
             loaded = load_file(str(path))
             return loaded["x"], int(loaded["nfe"].item())
-    res = sample(
-        bundle.model, noise64, "rk45", rtol=ref_tol, atol=ref_tol, last_step=bundle.last_step
-    )  # type: ignore[arg-type]
+    model = bundle.model
+    model64 = model.to(torch.float64) if isinstance(model, EpsModel) else model
+    res = sample(model64, noise64, "rk45", rtol=ref_tol, atol=ref_tol, last_step=bundle.last_step)  # type: ignore[arg-type]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -119,15 +127,18 @@ def reference_endpoint(
     return res.x, res.nfe
 
 
-def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float | None]]:
+def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float | None, bool]]:
     for solver in config.solvers:
         if get_solver(solver).adaptive:
             for tol in config.tols:
-                yield solver, "adaptive", None, tol
+                yield solver, "adaptive", None, tol, False
         else:
             for spacing in config.spacings:
                 for steps in config.steps:
-                    yield solver, spacing, steps, None
+                    yield solver, spacing, steps, None, False
+    for peer in config.peers:
+        for steps in config.steps:
+            yield peer, "diffusers", steps, None, True
 
 
 def _validate(config: BenchConfig) -> None:
@@ -141,6 +152,17 @@ def _validate(config: BenchConfig) -> None:
             raise ValueError(f"tols must be > 0, got {tol!r}")
     if config.samples < 1:
         raise ValueError(f"samples must be >= 1, got {config.samples}")
+    if config.peers:
+        from .integrations import diffusers_peers
+
+        if not diffusers_peers.available():
+            raise ValueError("peers need diffusers installed (pip install diffusers)")
+        unknown = [p for p in config.peers if p not in diffusers_peers.PEERS]
+        if unknown:
+            raise ValueError(
+                f"unknown peer {', '.join(unknown)}; known peers: "
+                f"{', '.join(diffusers_peers.PEERS)}"
+            )
 
 
 class _Progress:
@@ -160,20 +182,40 @@ class _Progress:
             sys.stderr.flush()
 
 
+def distribution_metric(bundle: BundledModel, x: torch.Tensor) -> tuple[float | None, str]:
+    """The model's distribution-quality number for samples ``x``: the exact mixture's NLL,
+    the digits classifier's Fréchet distance, or the sliced Wasserstein distance to the
+    2-D data."""
+    if bundle.exact is not None:
+        return gmm_nll(bundle.exact, x), "nll"
+    if bundle.name == "digits":
+        return digits_fd(x), "fd"
+    if bundle.name == "moons":
+        from .zoo.data import moons_data
+
+        return sliced_wasserstein(x, moons_data(4096, seed=1)), "sw2"
+    return None, ""
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})") from None
+
+
 def run_bench(config: BenchConfig) -> list[Row]:
     """Run the sweep; with ``config.out`` set, write ``bench.json`` and ``bench.csv`` after
-    every row."""
+    every row, then the plots."""
     _validate(config)
     bundle = load_model(config.model)
     out = Path(config.out) if config.out else None
     if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})") from None
+        _check_out(out)
+    ref_tol = config.ref_tol if config.ref_tol is not None else bundle.ref_tol
     noise64 = _noise(bundle, config.samples, config.seed)
     noise = noise64.float()
     key = json.dumps(
@@ -181,12 +223,12 @@ def run_bench(config: BenchConfig) -> list[Row]:
             "model": config.model,
             "samples": config.samples,
             "seed": config.seed,
-            "ref_tol": config.ref_tol,
+            "ref_tol": ref_tol,
             "last_step": bundle.last_step,
         }
     )
     ref, ref_nfe = reference_endpoint(
-        bundle, noise64, config.ref_tol, out / ".cache" if out else None, key
+        bundle, noise64, ref_tol, out / ".cache" if out else None, key
     )
     done: dict[str, Row] = {}
     json_path = out / "bench.json" if out else None
@@ -195,44 +237,93 @@ def run_bench(config: BenchConfig) -> list[Row]:
             row = Row(**r)
             done[row.key] = row
     rows: list[Row] = []
+    grid_samples: dict[str, tuple[int, torch.Tensor]] = {}
     todo = list(_settings(config))
     progress = _Progress(len(todo), config.quiet)
-    for solver, spacing, steps, tol in todo:
+    for solver, spacing, steps, tol, peer in todo:
         probe_key = Row(solver, spacing, steps, tol, 0, 0.0, None, "", 0.0).key
         if probe_key in done:
             rows.append(done[probe_key])
             progress.step(f"{solver} (resumed)")
             continue
-        kwargs: dict[str, Any] = {"last_step": bundle.last_step}
-        if tol is None:
-            kwargs.update(steps=steps, spacing=spacing)
-        else:
-            kwargs.update(rtol=tol, atol=tol)
         t0 = time.perf_counter()
-        res = sample(bundle.model, noise, solver, **kwargs)
+        if peer:
+            x, nfe = _run_peer(bundle, solver, noise, int(steps or 0))
+            n_rej = 0
+        else:
+            kwargs: dict[str, Any] = {"last_step": bundle.last_step}
+            if tol is None:
+                kwargs.update(steps=steps, spacing=spacing)
+            else:
+                kwargs.update(rtol=tol, atol=tol)
+            res = sample(bundle.model, noise, solver, **kwargs)
+            x, nfe, n_rej = res.x, res.nfe, res.n_rejected
         wall = time.perf_counter() - t0
-        metric, metric_name = None, ""
-        if bundle.exact is not None:
-            metric, metric_name = gmm_nll(bundle.exact, res.x), "nll"
+        metric, metric_name = distribution_metric(bundle, x)
         row = Row(
             solver,
             spacing,
             steps,
             tol,
-            res.nfe,
-            trajectory_rmse(res.x, ref),
+            nfe,
+            trajectory_rmse(x, ref),
             metric,
             metric_name,
             wall,
-            extra={"n_rejected": res.n_rejected},
+            peer=peer,
+            extra={"n_rejected": n_rej},
         )
         rows.append(row)
+        label = f"{solver} ({spacing})" if not peer else f"{solver} (diffusers)"
+        best = grid_samples.get(label)
+        if best is None or abs(nfe - config.grid_nfe) < abs(best[0] - config.grid_nfe):
+            grid_samples[label] = (nfe, x[:32].clone())
         if out is not None:
             _write(out, config, bundle, rows, ref_nfe)
         progress.step(f"{solver} {spacing} {steps or tol}")
     if out is not None:
         _write(out, config, bundle, rows, ref_nfe)
+        if config.plots:
+            _plots(out, bundle, rows, grid_samples, config)
     return rows
+
+
+def _run_peer(
+    bundle: BundledModel, name: str, noise: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, int]:
+    from .integrations.diffusers_peers import run_peer
+
+    model = bundle.model
+    if not isinstance(model, EpsModel) or model.prediction != "epsilon":
+        raise ValueError("diffusers peers need an EpsModel with prediction='epsilon'")
+    return run_peer(name, model.net, model.schedule, noise, steps)
+
+
+def _plots(
+    out: Path,
+    bundle: BundledModel,
+    rows: list[Row],
+    grid_samples: dict[str, tuple[int, torch.Tensor]],
+    config: BenchConfig,
+) -> None:
+    from .plots import plot_samples, plot_vs_nfe
+
+    title = f"{bundle.description}; {config.samples} samples, seed {config.seed}"
+    plot_vs_nfe(rows, out / "error_vs_nfe.png", title=title)
+    if any(r.metric is not None for r in rows):
+        name = next(r.metric_name for r in rows if r.metric_name)
+        ylabel = {
+            "fd": "Fréchet distance (classifier features)",
+            "nll": "NLL under the exact mixture (nats)",
+            "sw2": "sliced Wasserstein-2 to data",
+        }.get(name, name)
+        plot_vs_nfe(rows, out / "metric_vs_nfe.png", field="metric", ylabel=ylabel, title=title)
+    panels = {f"{k}, NFE {v[0]}": v[1] for k, v in grid_samples.items()}
+    plot_samples(
+        panels,
+        out / "samples.png",
+        title=f"{bundle.description}: samples near NFE {config.grid_nfe}",
+    )
 
 
 def _write(
@@ -283,7 +374,7 @@ def format_table(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: (r.peer, r.solver, r.spacing, r.nfe)):
         setting = str(r.steps) if r.steps is not None else f"{r.tol:g}"
         metric = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
-        name = r.solver + (" (peer)" if r.peer else "")
+        name = r.solver + (" (diffusers)" if r.peer else "")
         body.append(
             [name, r.spacing, setting, str(r.nfe), f"{r.rmse:.3e}", metric, f"{r.wall_s:.2f}"]
         )

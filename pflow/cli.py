@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from .bench import BenchConfig, format_table, run_bench
+from .cli_likelihood import add_parsers as _add_likelihood
 from .grids import SPACINGS
 from .solvers import available_solvers
 
@@ -89,16 +90,95 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--ref-tol",
         type=float,
-        default=defaults.ref_tol,
-        help="tolerance of the float64 reference solve",
+        default=None,
+        help="tolerance of the float64 reference solve (default: the model's)",
     )
-    b.add_argument("--out", default=None, help="folder for bench.json / bench.csv")
+    b.add_argument(
+        "--peers",
+        default="auto",
+        help="diffusers schedulers run on the same network and noise: comma-separated names "
+        "(ddim, euler, heun, dpmpp_2m, dpmpp_3m_karras, unipc, lms), 'diffusers' for all, "
+        "'none', or 'auto' (all when diffusers is installed and the model is an "
+        "eps-prediction network; default)",
+    )
+    b.add_argument("--grid-nfe", type=int, default=10, help="NFE of the samples.png panels")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    b.add_argument("--out", default="results/bench", help="output folder (default %(default)s)")
     b.add_argument("--resume", action="store_true", help="skip rows already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sample", help="draw samples with one solver; write PNG, .npy or .pt")
+    s.set_defaults(func=_sample)
+    s.add_argument("--model", default="digits", help="bundled model name or module:factory")
+    s.add_argument("--solver", default="heun", choices=None, help="a solver name")
+    s.add_argument("--steps", type=int, default=None, help="steps of a fixed-step solver")
+    s.add_argument("--spacing", default="trailing", choices=SPACINGS)
+    s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' rtol")
+    s.add_argument("--atol", type=float, default=None, help="adaptive solvers' atol")
+    s.add_argument("--n", type=int, default=64, help="number of samples")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output file: .png, .npy or .pt")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .solve import sample
+    from .solvers import get_solver
+    from .zoo.registry import load_model
+
+    get_solver(args.solver)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy", ".pt"):
+        raise ValueError(f"--out must end in .png, .npy or .pt, got {out.name!r}")
+    bundle = load_model(args.model)
+    if args.steps is None and not get_solver(args.solver).adaptive:
+        args.steps = 10
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.n, *bundle.shape, generator=g)
+    t0 = time.perf_counter()
+    res = sample(
+        bundle.model,
+        noise,
+        args.solver,
+        steps=args.steps,
+        spacing=args.spacing,
+        rtol=args.rtol,
+        atol=args.atol,
+        last_step=bundle.last_step,
+    )  # type: ignore[arg-type]
+    wall = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        from .plots import plot_samples
+
+        plot_samples(
+            {f"{args.solver}, NFE {res.nfe}": res.x},
+            out,
+            max_images=args.n,
+            title=bundle.description,
+        )
+    elif out.suffix == ".npy":
+        np.save(out, res.x.numpy())
+    else:
+        torch.save(res.x, out)
+    print(
+        f"{args.n} samples from {bundle.name} with {args.solver}: NFE {res.nfe}, "
+        f"{wall:.2f}s; written to {out}"
+    )
+    return 0
+
+
 # Each command module exposes add_parsers(subparsers), setting func=handler(args) -> int.
-_COMMAND_ADDERS = [_add_bench]
+_COMMAND_ADDERS = [_add_bench, _add_sample]
+_COMMAND_ADDERS.append(_add_likelihood)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +187,25 @@ def _parser() -> argparse.ArgumentParser:
     for add in _COMMAND_ADDERS:
         add(sub)
     return p
+
+
+def _peers(text: str, model: str) -> list[str]:
+    from .integrations import diffusers_peers
+
+    if text == "none":
+        return []
+    if text == "auto":
+        from .model import EpsModel
+        from .zoo.registry import load_model
+
+        if not diffusers_peers.available():
+            return []
+        bundle = load_model(model)
+        eps_net = isinstance(bundle.model, EpsModel) and bundle.model.prediction == "epsilon"
+        return list(diffusers_peers.PEERS) if eps_net else []
+    if text == "diffusers":
+        return list(diffusers_peers.PEERS)
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -119,6 +218,9 @@ def _bench(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         ref_tol=args.ref_tol,
+        peers=_peers(args.peers, args.model),
+        plots=not args.no_plots,
+        grid_nfe=args.grid_nfe,
         out=args.out,
         resume=args.resume,
         quiet=args.quiet,

@@ -23,6 +23,7 @@ schedule and above 1e4 for the cosine one).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
@@ -112,6 +113,18 @@ class EpsModel:
         return (
             f"EpsModel(net={type(self.net).__name__}, {self.schedule!r}, "
             f"prediction={self.prediction!r}, quantize={self.quantize})"
+        )
+
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> EpsModel:
+        """A copy whose network (when it is an ``nn.Module``) is moved to ``dtype``/``device``;
+        the float64 copy is what a reference solve needs."""
+        net = self.net
+        if isinstance(net, torch.nn.Module):
+            net = copy.deepcopy(net).to(device=device, dtype=dtype)
+        return EpsModel(
+            net, self.schedule, self.prediction, quantize=self.quantize, t_dtype=self.t_dtype
         )
 
     def timesteps(self, sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:

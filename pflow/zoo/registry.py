@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import ODEModel
+from ..model import EpsModel, ODEModel
+from ..schedule import NoiseSchedule
 from .gmm import GaussianMixture
 
 __all__ = ["BundledModel", "available_models", "load_model", "register_model"]
@@ -31,6 +32,7 @@ class BundledModel:
         last_step: how solvers take the step into ``sigma = 0``: ``"euler"`` for networks
             (undefined below the schedule's ``sigma_min``), ``"solver"`` for exact models.
         exact: the exact data distribution, when known.
+        ref_tol: rtol = atol of the float64 reference solve the benchmark measures against.
     """
 
     name: str
@@ -39,6 +41,7 @@ class BundledModel:
     description: str = ""
     last_step: str = "euler"
     exact: GaussianMixture | None = field(default=None, repr=False)
+    ref_tol: float = 1e-9
 
 
 def builtin_gmm() -> BundledModel:
@@ -61,7 +64,29 @@ def builtin_gmm() -> BundledModel:
     )
 
 
-_FACTORIES: dict[str, Callable[[], BundledModel]] = {"gmm": builtin_gmm}
+def bundled_digits() -> BundledModel:
+    """The bundled 8x8 digits UNet (eps-prediction, linear betas 1e-4..0.02, 1000 steps)."""
+    from .networks_load import load_digits_unet
+
+    model = EpsModel(load_digits_unet(), NoiseSchedule.linear(), "epsilon")
+    return BundledModel(
+        "digits", model, (1, 8, 8), "8x8 digits UNet (eps, linear betas)", ref_tol=1e-7
+    )
+
+
+def bundled_moons() -> BundledModel:
+    """The bundled two-moons MLP (eps-prediction, linear betas), for 2-D trajectory plots."""
+    from .networks_load import load_moons_mlp
+
+    model = EpsModel(load_moons_mlp(), NoiseSchedule.linear(), "epsilon")
+    return BundledModel("moons", model, (2,), "2-D two-moons MLP (eps, linear betas)", ref_tol=1e-8)
+
+
+_FACTORIES: dict[str, Callable[[], BundledModel]] = {
+    "digits": bundled_digits,
+    "gmm": builtin_gmm,
+    "moons": bundled_moons,
+}
 
 
 def register_model(name: str, factory: Callable[[], BundledModel]) -> None:

@@ -1,0 +1,1 @@
+"""Optional adapters to other ecosystems, imported lazily (the core never imports them)."""

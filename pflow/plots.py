@@ -1,0 +1,111 @@
+"""Figures for the benchmark: error and quality against NFE, and sample grids.
+
+Only the benchmark and the command line import this module (and so matplotlib).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["plot_vs_nfe", "plot_samples"]
+
+
+def _series(rows: Sequence[Any]) -> dict[tuple[str, str, bool], list[Any]]:
+    lines: dict[tuple[str, str, bool], list[Any]] = defaultdict(list)
+    for r in rows:
+        lines[(r.solver, r.spacing, r.peer)].append(r)
+    return lines
+
+
+def plot_vs_nfe(
+    rows: Sequence[Any],
+    path: Path,
+    *,
+    field: str = "rmse",
+    ylabel: str = "endpoint RMSE vs reference",
+    title: str = "",
+) -> None:
+    """Log-log ``field`` against NFE, one line per solver and grid; peers dashed."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    lines = _series(rows)
+    for (solver, spacing, peer), rs in sorted(lines.items()):
+        pts = sorted(
+            (r.nfe, getattr(r, field))
+            for r in rs
+            if getattr(r, field) is not None and getattr(r, field) > 0
+        )
+        if not pts:
+            continue
+        label = f"{solver} (diffusers)" if peer else f"{solver} [{spacing}]"
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            ("--" if peer else "-") + "o",
+            ms=3.5,
+            lw=1.4,
+            label=label,
+            alpha=0.9 if not peer else 0.7,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (network evaluations, counted)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_samples(
+    samples: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    title: str = "",
+    per_row: int = 8,
+    max_images: int = 32,
+) -> None:
+    """One panel per solver: an image grid for ``(n, 1, H, W)`` samples, a scatter for 2-D."""
+    names = list(samples)
+    if not names:
+        return
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        x = samples[name].detach().float().cpu()
+        if x.ndim == 4:
+            imgs = x[:max_images].clamp(-1, 1)
+            n, _, h, w = imgs.shape
+            n_rows = (n + per_row - 1) // per_row
+            canvas = torch.ones(n_rows * (h + 1) + 1, per_row * (w + 1) + 1)
+            for i in range(n):
+                r, c = divmod(i, per_row)
+                canvas[
+                    1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w
+                ] = imgs[i, 0]
+            ax.imshow(canvas.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+        else:
+            pts = x.reshape(len(x), -1)[:, :2]
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6)
+            ax.set_aspect("equal")
+            ax.axis("on")
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
