@@ -141,6 +141,15 @@ def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float
             yield peer, "diffusers", steps, None, True
 
 
+def _auto_peers(bundle: BundledModel) -> list[str]:
+    """Every diffusers peer when diffusers is installed and the model is an eps network."""
+    from .integrations import diffusers_peers
+
+    model = bundle.model
+    eps_net = isinstance(model, EpsModel) and model.prediction == "epsilon"
+    return list(diffusers_peers.PEERS) if eps_net and diffusers_peers.available() else []
+
+
 def _validate(config: BenchConfig) -> None:
     for solver in config.solvers:
         get_solver(solver)
@@ -152,7 +161,7 @@ def _validate(config: BenchConfig) -> None:
             raise ValueError(f"tols must be > 0, got {tol!r}")
     if config.samples < 1:
         raise ValueError(f"samples must be >= 1, got {config.samples}")
-    if config.peers:
+    if config.peers and list(config.peers) != ["auto"]:
         from .integrations import diffusers_peers
 
         if not diffusers_peers.available():
@@ -211,10 +220,12 @@ def run_bench(config: BenchConfig) -> list[Row]:
     """Run the sweep; with ``config.out`` set, write ``bench.json`` and ``bench.csv`` after
     every row, then the plots."""
     _validate(config)
-    bundle = load_model(config.model)
     out = Path(config.out) if config.out else None
     if out is not None:
         _check_out(out)
+    bundle = load_model(config.model)
+    if list(config.peers) == ["auto"]:
+        config.peers = _auto_peers(bundle)
     ref_tol = config.ref_tol if config.ref_tol is not None else bundle.ref_tol
     noise64 = _noise(bundle, config.samples, config.seed)
     noise = noise64.float()

@@ -195,14 +195,7 @@ def _peers(text: str, model: str) -> list[str]:
     if text == "none":
         return []
     if text == "auto":
-        from .model import EpsModel
-        from .zoo.registry import load_model
-
-        if not diffusers_peers.available():
-            return []
-        bundle = load_model(model)
-        eps_net = isinstance(bundle.model, EpsModel) and bundle.model.prediction == "epsilon"
-        return list(diffusers_peers.PEERS) if eps_net else []
+        return ["auto"]  # resolved by run_bench once the model is loaded
     if text == "diffusers":
         return list(diffusers_peers.PEERS)
     return [v.strip() for v in text.split(",") if v.strip()]

@@ -84,3 +84,64 @@ def test_bad_arguments_exit_nonzero_with_one_line(args, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_peers_plots_and_sample_command(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "--model",
+        "moons",
+        "--solvers",
+        "euler,heun",
+        "--steps",
+        "4,8",
+        "--samples",
+        "8",
+        "--ref-tol",
+        "1e-5",
+        "--peers",
+        "ddim,dpmpp_2m",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    data = json.loads((out / "bench.json").read_text())
+    peers = [(r["solver"], r["steps"]) for r in data["rows"] if r["peer"]]
+    assert sorted(peers) == [("ddim", 4), ("ddim", 8), ("dpmpp_2m", 4), ("dpmpp_2m", 8)]
+    by = {(r["solver"], r["peer"], r["steps"]): r for r in data["rows"]}
+    assert by[("ddim", True, 4)]["nfe"] == 4
+    assert all(r["metric_name"] == "sw2" for r in data["rows"])
+    for name in ("error_vs_nfe.png", "metric_vs_nfe.png", "samples.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "(diffusers)" in capsys.readouterr().out
+
+    npy = tmp_path / "s.npy"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "gmm",
+                "--solver",
+                "rk4",
+                "--steps",
+                "3",
+                "--n",
+                "5",
+                "--out",
+                str(npy),
+            ]
+        )
+        == 0
+    )
+    import numpy as np
+
+    assert np.load(npy).shape == (5, 8)
+    assert "NFE 12" in capsys.readouterr().out
+    assert (
+        main(["sample", "--model", "gmm", "--solver", "euler", "--out", str(tmp_path / "x.txt")])
+        == 2
+    )
