@@ -70,7 +70,7 @@ def test_resume_skips_finished_rows(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["bench", "--solvers", "euler,nope"], "unknown solver nope"),
+        (["bench", "--solvers", "euler,nope"], "unknown solver in 'nope'"),
         (["bench", "--model", "nosuchmodel"], "model must be one of"),
         (["bench", "--steps", "0"], "integers >= 1"),
         (["bench", "--steps", "abc"], "comma-separated integers"),
