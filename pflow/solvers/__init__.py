@@ -27,6 +27,7 @@ class SolverSpec:
         run: ``run(ode, x, grid, *, last_step, record, partial, **options) -> Outcome``.
         options: extra keyword options the runner accepts.
         summary: one line for listings.
+        stochastic: draws random noise (its endpoint is not the ODE's).
     """
 
     name: str
@@ -35,6 +36,7 @@ class SolverSpec:
     run: Runner
     options: tuple[str, ...] = ()
     summary: str = ""
+    stochastic: bool = False
 
 
 def _rk_fixed(tab: ButcherTableau, summary: str) -> SolverSpec:
@@ -96,3 +98,5 @@ def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ += ["PFODE", "Outcome", "register"]
+
+from . import stochastic  # noqa: E402,F401
