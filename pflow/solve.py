@@ -147,7 +147,10 @@ def sample(
     spec = get_solver(solver)
     if last_step not in ("euler", "solver"):
         raise ValueError(f"last_step must be 'euler' or 'solver', got {last_step!r}")
-    grid_options = {"steps_offset": steps_offset, "set_alpha_to_one": set_alpha_to_one}
+    grid_options: dict[str, Any] = {
+        "steps_offset": steps_offset,
+        "set_alpha_to_one": set_alpha_to_one,
+    }
     if spacing == "karras":
         grid_options["rho"] = rho
     grid = _resolve_grid(model, spec.adaptive, steps, spacing, sigmas, grid_options)
