@@ -100,3 +100,4 @@ def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
 __all__ += ["PFODE", "Outcome", "register"]
 
 from . import stochastic  # noqa: E402,F401
+from . import exponential, multistep  # noqa: E402,F401
