@@ -6,6 +6,7 @@ pflow integrates that ODE with the solver of your choice and counts what it cost
 
 from .errors import MaxNFEExceeded, NonFiniteError
 from .grids import get_sigmas, validate_sigmas
+from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .model import EpsModel, ODEModel
 from .schedule import NoiseSchedule
 from .solve import SolveResult, sample
@@ -13,13 +14,16 @@ from .solvers import available_solvers
 
 __all__ = [
     "EpsModel",
+    "LikelihoodResult",
     "MaxNFEExceeded",
     "NoiseSchedule",
     "NonFiniteError",
     "ODEModel",
     "SolveResult",
     "available_solvers",
+    "bits_per_dim",
     "get_sigmas",
+    "log_likelihood",
     "sample",
     "validate_sigmas",
 ]

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from .bench import BenchConfig, format_table, run_bench
 from .cli_likelihood import add_parsers as _add_likelihood
 from .grids import SPACINGS
-from .solvers import available_solvers
 
 __all__ = ["main"]
 
@@ -39,6 +38,20 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _solver_list(text: str) -> list[str]:
+    from .bench import parse_solver
+
+    labels = [v.strip() for v in text.split(",") if v.strip()]
+    for label in labels:
+        try:
+            parse_solver(label)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"unknown solver in {label!r}: {exc}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("no solver given")
+    return labels
+
+
 def _name_list(known: Sequence[str], what: str):
     def parse(text: str) -> list[str]:
         names = [v.strip() for v in text.split(",") if v.strip()]
@@ -63,7 +76,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--solvers",
-        type=_name_list(available_solvers(), "solver"),
+        type=_solver_list,
         default=list(defaults.solvers),
         help="comma-separated solver names",
     )
