@@ -8,6 +8,7 @@ from .errors import MaxNFEExceeded, NonFiniteError
 from .grids import get_sigmas, validate_sigmas
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .model import EpsModel, ODEModel
+from .reference import reference
 from .schedule import NoiseSchedule
 from .solve import SolveResult, sample
 from .solvers import available_solvers
@@ -24,6 +25,7 @@ __all__ = [
     "bits_per_dim",
     "get_sigmas",
     "log_likelihood",
+    "reference",
     "sample",
     "validate_sigmas",
 ]

@@ -8,7 +8,8 @@ from functools import partial
 from typing import Any
 
 from .ode import PFODE, Outcome
-from .runge_kutta import solve_adaptive, solve_fixed
+from .per_sample import run_adaptive
+from .runge_kutta import solve_fixed
 from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 
 __all__ = ["SolverSpec", "available_solvers", "get_solver", "ButcherTableau"]
@@ -50,8 +51,8 @@ def _rk_adaptive(name: str, tab: ButcherTableau, summary: str) -> SolverSpec:
         name,
         True,
         tab.order,
-        partial(solve_adaptive, tableau=tab),
-        options=("rtol", "atol", "first_step"),
+        partial(run_adaptive, tableau=tab),
+        options=("rtol", "atol", "first_step", "per_sample"),
         summary=summary,
     )
 
@@ -69,17 +70,50 @@ _REGISTRY: dict[str, SolverSpec] = {
 }
 
 
+# Backends: ``solver="<prefix>:<method>"`` resolves through ``factory(method) -> SolverSpec``
+# (which raises ValueError naming the backend's methods for an unknown one); ``methods()``
+# lists the methods for available_solvers(). See pflow/solvers/backends.py.
+_BACKENDS: dict[str, tuple[Callable[[str], SolverSpec], Callable[[], list[str]]]] = {}
+
+
+def register_backend(
+    prefix: str, factory: Callable[[str], SolverSpec], methods: Callable[[], list[str]]
+) -> None:
+    """Make ``solver="<prefix>:<method>"`` resolve to ``factory(method)``."""
+    _BACKENDS[prefix] = (factory, methods)
+
+
+def _load_backends() -> None:
+    """Register torchdiffeq and scipy on first use (importing them costs ~0.5 s)."""
+    from . import backends  # noqa: F401
+
+
 def available_solvers() -> list[str]:
-    """The names accepted by ``solver=``."""
-    return list(_REGISTRY)
+    """The names accepted by ``solver=``: pflow's own, then each backend's methods as
+    ``"<backend>:<method>"``."""
+    _load_backends()
+    names = list(_REGISTRY)
+    for prefix, (_, methods) in _BACKENDS.items():
+        names += [f"{prefix}:{m}" for m in methods()]
+    return names
 
 
 def get_solver(name: str) -> SolverSpec:
     """The solver called ``name``; the error lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"solver must be one of {', '.join(_REGISTRY)}; got {name!r}") from None
+    if isinstance(name, str):
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        prefix, sep, method = name.partition(":")
+        _load_backends()
+        if sep and prefix in _BACKENDS:
+            return _BACKENDS[prefix][0](method)
+    known = available_solvers()
+    prefixes = " or ".join(f"'{p}:<method>'" for p in _BACKENDS)
+    raise ValueError(
+        f"solver must be one of {', '.join(known)}"
+        + (f" (any {prefixes})" if prefixes else "")
+        + f"; got {name!r}"
+    )
 
 
 def register(spec: SolverSpec) -> None:
@@ -97,7 +131,6 @@ def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-__all__ += ["PFODE", "Outcome", "register"]
+__all__ += ["PFODE", "Outcome", "register", "register_backend"]
 
-from . import stochastic  # noqa: E402,F401
-from . import exponential, multistep  # noqa: E402,F401
+from . import exponential, multistep, stochastic  # noqa: E402,F401

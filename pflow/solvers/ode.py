@@ -13,6 +13,7 @@ without adding small updates to a number of size ``sigma_max`` in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 from ..errors import MaxNFEExceeded, NonFiniteError
 from ..model import ODEModel, sigma_column
 
-__all__ = ["PFODE", "Evaluation", "Outcome", "scale"]
+__all__ = ["PFODE", "Evaluation", "Outcome", "scale", "walk"]
 
 
 def scale(sigma: float) -> float:
@@ -127,6 +128,39 @@ def _fmt(sigma: float | Tensor) -> str:
     if isinstance(sigma, Tensor):
         return f"{sigma.detach().cpu().tolist()}"
     return f"{sigma:.6g}"
+
+
+def walk(
+    ode: PFODE,
+    x: Tensor,
+    grid: list[float],
+    step: Callable[[Tensor, float, float], Tensor],
+    *,
+    record: bool = False,
+    partial: bool = False,
+) -> Outcome:
+    """The loop every fixed-grid solver shares: ``x = step(x, sigma, sigma_next)`` for each
+    interval of ``grid``, recording the trajectory when asked, stopping with the last
+    completed state when ``max_nfe`` runs out and ``partial`` is set, and checking the
+    model's outputs for NaN/inf once at the end. A multistep method keeps its history in
+    the closure ``step``."""
+    visited = [grid[0]]
+    traj = [x.clone()] if record else None
+    finished, message = True, ""
+    try:
+        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
+            x = step(x, sigma, sigma_next)
+            visited.append(sigma_next)
+            if traj is not None:
+                traj.append(x.clone())
+    except MaxNFEExceeded as exc:
+        if not partial:
+            raise
+        finished, message = False, str(exc)
+    ode.raise_if_nonfinite()
+    return Outcome(
+        x, visited, n_accepted=len(visited) - 1, trajectory=traj, finished=finished, message=message
+    )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import MaxNFEExceeded
 from .controller import PIController, error_ratio, rms_per_sample
-from .ode import PFODE, Evaluation, Outcome, scale
+from .ode import PFODE, Evaluation, Outcome, scale, walk
 from .tableau import EULER, ButcherTableau
 
 __all__ = ["rk_step", "solve_fixed", "solve_adaptive"]
@@ -113,26 +113,13 @@ def solve_fixed(
     partial: bool = False,
 ) -> Outcome:
     """Walk ``grid`` with one step of ``tableau`` per interval."""
-    visited = [grid[0]]
-    traj = [x.clone()] if record else None
-    finished, message = True, ""
-    try:
-        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-            if sigma_next == 0.0 and last_step == "euler":
-                x = _euler_into(ode, x, sigma, sigma_next)
-            else:
-                x = rk_step(ode, tableau, x, sigma, sigma_next - sigma)[0]
-            visited.append(sigma_next)
-            if traj is not None:
-                traj.append(x.clone())
-    except MaxNFEExceeded as exc:
-        if not partial:
-            raise
-        finished, message = False, str(exc)
-    ode.raise_if_nonfinite()
-    return Outcome(
-        x, visited, n_accepted=len(visited) - 1, trajectory=traj, finished=finished, message=message
-    )
+
+    def step(x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        if sigma_next == 0.0 and last_step == "euler":
+            return _euler_into(ode, x, sigma, sigma_next)
+        return rk_step(ode, tableau, x, sigma, sigma_next - sigma)[0]
+
+    return walk(ode, x, grid, step, record=record, partial=partial)
 
 
 def _initial_step(

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import MaxNFEExceeded
 from . import SolverSpec, register
-from .ode import PFODE, Outcome
+from .ode import PFODE, Outcome, walk
 
 __all__ = ["solve_ddim", "solve_ddpm", "PerSampleNoise"]
 
@@ -76,24 +75,11 @@ def _noise_source(
 def _walk(ode: PFODE, x: Tensor, grid: list[float], record: bool, partial: bool, update) -> Outcome:  # type: ignore[no-untyped-def]
     if grid[-1] > grid[0]:
         raise ValueError("a stochastic sampler only runs downward (decreasing sigmas)")
-    visited = [grid[0]]
-    traj = [x.clone()] if record else None
-    finished, message = True, ""
-    try:
-        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-            ev = ode.eval(x, sigma)
-            x = update(ev, sigma, sigma_next)
-            visited.append(sigma_next)
-            if traj is not None:
-                traj.append(x.clone())
-    except MaxNFEExceeded as exc:
-        if not partial:
-            raise
-        finished, message = False, str(exc)
-    ode.raise_if_nonfinite()
-    return Outcome(
-        x, visited, n_accepted=len(visited) - 1, trajectory=traj, finished=finished, message=message
-    )
+
+    def step(x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        return update(ode.eval(x, sigma), sigma, sigma_next)
+
+    return walk(ode, x, grid, step, record=record, partial=partial)
 
 
 def solve_ddim(

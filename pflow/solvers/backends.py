@@ -1,0 +1,455 @@
+"""Other libraries' integrators on pflow's ODE: ``solver="torchdiffeq:<method>"`` runs any
+``torchdiffeq.odeint`` method, ``solver="scipy:<method>"`` any ``scipy.integrate`` solver
+(RK23, RK45, DOP853, Radau, BDF, LSODA).
+
+**The variable they integrate** is ``xbar`` itself, in float64, with the PF-ODE exactly as
+written in the paper, ``d xbar / d sigma = eps(xbar / sqrt(1 + sigma^2), sigma)``:
+
+- The ODE is the one pflow's own solvers discretise, so a fixed-step method walks the same
+  steps: ``torchdiffeq:euler`` on a DDIM grid is DDIM, ``torchdiffeq:midpoint`` is pflow's
+  ``midpoint`` (``tests/test_backends.py`` checks both to round-off).
+- float64 removes the float32 conditioning problem of ``xbar`` (up to ~2e4 on the cosine
+  schedule): its 16 digits keep ``xbar + h * eps`` within ~1e-12 relative. Rewriting the
+  ODE for the network-scale state instead would change the discretisation (Euler would no
+  longer be DDIM) for no gain once the state is float64.
+- It is also the time precision: torchdiffeq casts ``t`` to the state's dtype before each
+  evaluation, so a float32 state would round ``sigma`` to 7 digits.
+- Tolerances mean what pflow's mean: ``rtol`` is scale-free, so relative error in ``xbar``
+  is relative error in the network-scale state; ``atol`` is in ``xbar``'s units, which
+  equal the state's below ``sigma ~ 1`` where absolute error matters, and above it the
+  relative term dominates. torchdiffeq's error norm is set (overridable with
+  ``options={"norm": ...}``) to pflow's: the largest per-sample RMS, so that accuracy does
+  not depend on the batch size; scipy uses its own RMS over the flattened batch.
+
+The network is still called in the input's dtype (``x = xbar / sqrt(1 + sigma^2)`` is cast
+to it before each evaluation, ``eps`` cast back), and the result is cast back to it.
+
+**Grid points.** The integration passes through every point of ``grid``: torchdiffeq's
+adaptive methods are told to step onto them (``step_t``; they would otherwise step past the
+last point and interpolate back, evaluating the network beyond the grid), its fixed-grid
+methods take one step per interval unless given ``step_size``, and scipy's solvers run
+interval by interval (each interval a fresh solver, costing one evaluation at its start and
+one for scipy's initial-step probe). The trajectory is recorded at the grid points.
+
+**The step into sigma = 0** is one Euler step by default (``last_step="euler"``), as for
+every pflow solver: ``x_next = x0_hat`` of one evaluation at the last positive sigma (one
+NFE; neither library hands back its last derivative).
+
+**Cost** is counted by :class:`~pflow.solvers.PFODE` on every evaluation, never taken from
+the library. Accepted/rejected steps come from torchdiffeq's step callbacks; scipy does not
+report rejections, so for its explicit Runge-Kutta methods they are inferred from its own
+evaluation count (``n_stages`` per attempt) and reported as 0 for the implicit ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import cache, partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import MaxNFEExceeded
+from . import SolverSpec, register_backend
+from .ode import PFODE, Outcome, scale
+
+__all__ = [
+    "SCIPY_METHODS",
+    "scipy_methods",
+    "scipy_solver",
+    "torchdiffeq_methods",
+    "torchdiffeq_solver",
+]
+
+# solve_ivp's documented methods. Orders: LSODA switches between Adams (up to 12) and BDF
+# (up to 5); BDF's order varies up to 5.
+SCIPY_METHODS: dict[str, int] = {
+    "RK23": 3,
+    "RK45": 5,
+    "DOP853": 8,
+    "Radau": 5,
+    "BDF": 5,
+    "LSODA": 12,
+}
+# Left out of the torchdiffeq listing: an alias (fixed_adams = implicit_adams) and its
+# wrapper around scipy (use the scipy backend instead).
+_TORCHDIFFEQ_SKIP = ("fixed_adams", "scipy_solver")
+_TORCHDIFFEQ_DEFAULT_TOL = (1e-7, 1e-9)  # odeint's own defaults, for fixed-grid methods
+
+
+# ----------------------------------------------------------------------------- shared
+def _split(grid: list[float], last_step: str) -> tuple[list[float], bool]:
+    """The grid points the backend integrates through, and whether the last step (into
+    ``sigma = 0``) is taken as one Euler step instead."""
+    euler_end = last_step == "euler" and len(grid) > 1 and grid[-1] == 0.0
+    return (grid[:-1] if euler_end else list(grid)), euler_end
+
+
+def _to_xbar(x: Tensor, sigma: float) -> Tensor:
+    return x.to(torch.float64) * math.sqrt(1.0 + sigma * sigma)
+
+
+def _to_x(xbar: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
+    return (xbar * scale(sigma)).to(dtype)
+
+
+def _allowed(cls: type, exclude: set[str]) -> list[str]:
+    """Keyword arguments of ``cls.__init__`` along its MRO, less ``exclude``."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in exclude:
+                continue
+            if p.name not in names:
+                names.append(p.name)
+    return names
+
+
+def _check_options(backend: str, method: str, given: Any, allowed: list[str]) -> dict[str, Any]:
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise TypeError(f"options must be a dict of {backend} options, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"{backend} method {method!r} does not take option(s) {', '.join(unknown)} "
+            f"(its options: {', '.join(allowed) or 'none'})"
+        )
+    return dict(given)
+
+
+def _unknown_method(backend: str, method: str, known: list[str]) -> ValueError:
+    return ValueError(f"{backend} has no method {method!r}; its methods: {', '.join(known)}")
+
+
+def _per_sample_rms_max(ratio: Tensor) -> Tensor:
+    """pflow's error norm: the largest per-sample RMS (batch first)."""
+    return ratio.reshape(ratio.shape[0], -1).pow(2).mean(dim=1).sqrt().max()
+
+
+def _finish(
+    ode: PFODE,
+    xs: list[Tensor],
+    points: list[float],
+    euler_end: bool,
+    grid: list[float],
+    n_acc: int,
+    n_rej: int,
+    record: bool,
+    partial_ok: bool,
+) -> Outcome:
+    """Take the Euler step into 0 if asked, and package the outcome. ``xs`` are the states
+    (network scale, input dtype) at ``points``."""
+    x = xs[-1]
+    finished, message = True, ""
+    if euler_end:
+        try:
+            x = ode.eval(x, points[-1]).x0
+            xs.append(x)
+            points = [*points, grid[-1]]
+            n_acc += 1
+        except MaxNFEExceeded as exc:
+            if not partial_ok:
+                raise
+            finished, message = False, str(exc)
+    ode.raise_if_nonfinite()
+    return Outcome(
+        x,
+        points,
+        n_accepted=n_acc,
+        n_rejected=n_rej,
+        trajectory=[v.clone() for v in xs] if record else None,
+        finished=finished,
+        message=message,
+    )
+
+
+def _partial(
+    ode: PFODE,
+    x_start: Tensor,
+    grid: list[float],
+    sigma: float,
+    x: Tensor,
+    n_acc: int,
+    n_rej: int,
+    record: bool,
+    exc: Exception,
+) -> Outcome:
+    """``max_nfe`` ran out inside the library: the last state it had reached."""
+    ode.raise_if_nonfinite()
+    points, xs = [grid[0]], [x_start]
+    if sigma != grid[0]:
+        points.append(sigma)
+        xs.append(x)
+    return Outcome(
+        xs[-1],
+        points,
+        n_accepted=n_acc,
+        n_rejected=n_rej,
+        trajectory=[v.clone() for v in xs] if record else None,
+        finished=False,
+        message=str(exc),
+    )
+
+
+# ----------------------------------------------------------------------------- torchdiffeq
+def _torchdiffeq_classes() -> dict[str, type]:
+    from torchdiffeq._impl.odeint import SOLVERS  # the table odeint dispatches on
+
+    return {k: v for k, v in SOLVERS.items() if k not in _TORCHDIFFEQ_SKIP}
+
+
+def torchdiffeq_methods() -> list[str]:
+    """torchdiffeq's method names (empty when torchdiffeq is not installed)."""
+    try:
+        return list(_torchdiffeq_classes())
+    except ImportError:
+        return []
+
+
+def _is_fixed_grid(cls: type) -> bool:
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    return issubclass(cls, FixedGridODESolver)
+
+
+class _XbarRHS:
+    """``d xbar / d sigma`` for torchdiffeq: float64 ``xbar`` in, float64 ``eps`` out, one
+    counted network evaluation in the input's dtype. Counts steps through torchdiffeq's
+    callbacks (only those the method supports are defined, so odeint does not warn)."""
+
+    def __init__(self, ode: PFODE, dtype: torch.dtype, callbacks: set[str]) -> None:
+        self.ode, self.dtype = ode, dtype
+        self.n_steps = self.n_accepted = self.n_rejected = 0
+        self.last: tuple[Tensor, Tensor] | None = None  # (t, xbar) at the latest step start
+        if "callback_step" in callbacks:
+            self.callback_step = self._on_step
+        if "callback_accept_step" in callbacks:
+            self.callback_accept_step = self._on_accept
+        if "callback_reject_step" in callbacks:
+            self.callback_reject_step = self._on_reject
+
+    def __call__(self, t: Tensor, xbar: Tensor) -> Tensor:
+        sigma = float(t)
+        return self.ode.eval(_to_x(xbar, sigma, self.dtype), sigma).eps.to(torch.float64)
+
+    def _on_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.ode.raise_if_nonfinite()  # names the sigma of a NaN early; keeps the record short
+        self.n_steps += 1
+        self.last = (t0, y0)
+
+    def _on_accept(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.n_accepted += 1
+
+    def _on_reject(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        self.n_rejected += 1
+
+
+def _run_torchdiffeq(
+    ode: PFODE,
+    x: Tensor,
+    grid: list[float],
+    *,
+    method: str,
+    last_step: str = "euler",
+    record: bool = False,
+    partial: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> Outcome:
+    """Integrate ``xbar`` in float64 with ``torchdiffeq.odeint(method=method)`` through
+    ``grid`` (see the module docstring)."""
+    from torchdiffeq import odeint
+
+    cls = _torchdiffeq_classes()[method]
+    fixed = _is_fixed_grid(cls)
+    opts = _check_options("torchdiffeq", method, options, _torchdiffeq_options(method))
+    if fixed:  # implicit_adams takes rtol/atol (as options); the others ignore them
+        rtol = opts.pop("rtol", _TORCHDIFFEQ_DEFAULT_TOL[0])
+        atol = opts.pop("atol", _TORCHDIFFEQ_DEFAULT_TOL[1])
+    points, euler_end = _split(grid, last_step)
+    dev, dtype = x.device, x.dtype
+    rhs = _XbarRHS(ode, dtype, cls.valid_callbacks())
+    n_acc = n_rej = 0
+    if len(points) > 1:
+        t = torch.tensor(points, dtype=torch.float64, device=dev)
+        if not fixed:
+            opts.setdefault("norm", _per_sample_rms_max)
+            # Step onto every grid point, the end included: without it the solver steps past
+            # the end and interpolates back. Points also in jump_t must not repeat there.
+            if "jump_t" in opts:  # odeint flips only tensors for a decreasing grid
+                opts["jump_t"] = torch.as_tensor(opts["jump_t"], dtype=torch.float64, device=dev)
+            jumps = set(torch.as_tensor(opts.get("jump_t", [])).reshape(-1).tolist())
+            extra = torch.as_tensor(opts.get("step_t", []), dtype=torch.float64).reshape(-1)
+            step_t = sorted({*points[1:], *extra.tolist()} - jumps)
+            opts["step_t"] = torch.tensor(step_t, dtype=torch.float64, device=dev)
+        try:
+            xbars = odeint(
+                rhs, _to_xbar(x, points[0]), t, rtol=rtol, atol=atol, method=method, options=opts
+            )
+        except MaxNFEExceeded as exc:
+            if not partial:
+                raise
+            sigma, x_now = points[0], x
+            if rhs.last is not None:
+                sigma = float(rhs.last[0])
+                x_now = _to_x(rhs.last[1], sigma, dtype)
+            n_acc = rhs.n_steps - 1 if fixed else rhs.n_accepted
+            return _partial(ode, x, grid, sigma, x_now, max(n_acc, 0), rhs.n_rejected, record, exc)
+        except AssertionError:
+            ode.raise_if_nonfinite()  # NaN from the model shows up as a step-size assertion
+            raise
+        xs = [x] + [_to_x(xb, s, dtype) for xb, s in zip(xbars[1:], points[1:])]
+        n_acc = rhs.n_steps if fixed else rhs.n_accepted
+        n_rej = rhs.n_rejected
+    else:
+        xs = [x]
+    return _finish(ode, xs, points, euler_end, grid, n_acc, n_rej, record, partial)
+
+
+def _torchdiffeq_options(method: str) -> list[str]:
+    cls = _torchdiffeq_classes()[method]
+    exclude = {"self", "func", "y0", "dtype", "implicit"}  # the method decides these
+    if not _is_fixed_grid(cls):
+        exclude |= {"rtol", "atol"}  # given as solve arguments
+    return _allowed(cls, exclude)
+
+
+@cache
+def torchdiffeq_solver(method: str) -> SolverSpec:
+    """The :class:`SolverSpec` of ``"torchdiffeq:<method>"``."""
+    try:
+        classes = _torchdiffeq_classes()
+    except ImportError as exc:
+        raise ValueError(f"solver 'torchdiffeq:{method}' needs torchdiffeq ({exc})") from None
+    if method not in classes:
+        raise _unknown_method("torchdiffeq", method, list(classes))
+    cls = classes[method]
+    adaptive = not _is_fixed_grid(cls)
+    kind = "adaptive" if adaptive else "fixed-grid"
+    return SolverSpec(
+        f"torchdiffeq:{method}",
+        adaptive,
+        int(getattr(cls, "order", 0)),
+        partial(_run_torchdiffeq, method=method),
+        options=("rtol", "atol", "options") if adaptive else ("options",),
+        summary=f"torchdiffeq.odeint method={method!r} ({kind}) on xbar in float64",
+    )
+
+
+# ----------------------------------------------------------------------------- scipy
+def scipy_methods() -> list[str]:
+    """scipy.integrate.solve_ivp's methods."""
+    return list(SCIPY_METHODS)
+
+
+def _scipy_class(method: str) -> type:
+    import scipy.integrate
+
+    return getattr(scipy.integrate, method)
+
+
+def _scipy_options(method: str) -> list[str]:
+    exclude = {"self", "fun", "t0", "y0", "t_bound", "rtol", "atol", "vectorized"}
+    return _allowed(_scipy_class(method), exclude)
+
+
+def _block_diagonal(batch: int, dim: int) -> Any:
+    """Samples do not interact: the Jacobian is block diagonal, so a finite-difference
+    Jacobian needs ``dim`` evaluations instead of ``batch * dim``."""
+    from scipy.sparse import block_diag
+
+    return block_diag([np.ones((dim, dim))] * batch, format="csc")
+
+
+def _run_scipy(
+    ode: PFODE,
+    x: Tensor,
+    grid: list[float],
+    *,
+    method: str,
+    last_step: str = "euler",
+    record: bool = False,
+    partial: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    options: dict[str, Any] | None = None,
+) -> Outcome:
+    """Integrate the flattened batch's ``xbar`` in float64 with ``scipy.integrate.<method>``,
+    one grid interval at a time (see the module docstring)."""
+    cls = _scipy_class(method)
+    opts = _check_options("scipy", method, options, _scipy_options(method))
+    batch, dim = x.shape[0], x[0].numel()
+    if (
+        method in ("Radau", "BDF")
+        and batch > 1
+        and not {"jac", "jac_sparsity"} & set(opts)
+        and batch * dim * dim <= 2**24
+    ):
+        opts["jac_sparsity"] = _block_diagonal(batch, dim)
+    first_step = opts.pop("first_step", None)
+    points, euler_end = _split(grid, last_step)
+    shape, dev, dtype = x.shape, x.device, x.dtype
+
+    def fun(t: float, y: np.ndarray) -> np.ndarray:
+        sigma = float(t)
+        xbar = torch.from_numpy(y).reshape(shape).to(dev)
+        eps = ode.eval(_to_x(xbar, sigma, dtype), sigma).eps
+        return eps.to(torch.float64).reshape(-1).cpu().numpy()
+
+    y = _to_xbar(x, points[0]).reshape(-1).cpu().numpy()
+    xs = [x]
+    n_acc = n_rej = 0
+    sigma_now = points[0]
+    for s0, s1 in zip(points[:-1], points[1:]):
+        step0 = None if first_step is None else min(float(first_step), abs(s1 - s0))
+        steps = 0
+        try:
+            solver = cls(fun, s0, y, s1, rtol=rtol, atol=atol, first_step=step0, **opts)
+            while solver.status == "running":
+                message = solver.step()
+                if solver.status == "failed":
+                    ode.raise_if_nonfinite()
+                    raise RuntimeError(f"scipy {method} failed at sigma={solver.t:.6g}: {message}")
+                ode.raise_if_nonfinite()
+                steps += 1
+                y, sigma_now = solver.y, float(solver.t)
+        except MaxNFEExceeded as exc:
+            if not partial:
+                raise
+            x_now = _to_x(torch.from_numpy(y).reshape(shape).to(dev), sigma_now, dtype)
+            return _partial(ode, x, grid, sigma_now, x_now, n_acc + steps, n_rej, record, exc)
+        n_acc += steps
+        n_stages = getattr(solver, "n_stages", None)
+        if n_stages is not None:  # explicit RK: n_stages evaluations per attempt
+            start = 1 + (step0 is None)  # f at the start, and the initial-step probe
+            n_rej += max(0, (solver.nfev - start) // n_stages - steps)
+        xs.append(_to_x(torch.from_numpy(np.array(y)).reshape(shape).to(dev), s1, dtype))
+    return _finish(ode, xs, points, euler_end, grid, n_acc, n_rej, record, partial)
+
+
+@cache
+def scipy_solver(method: str) -> SolverSpec:
+    """The :class:`SolverSpec` of ``"scipy:<method>"``."""
+    if method not in SCIPY_METHODS:
+        raise _unknown_method("scipy", method, scipy_methods())
+    return SolverSpec(
+        f"scipy:{method}",
+        True,
+        SCIPY_METHODS[method],
+        partial(_run_scipy, method=method),
+        options=("rtol", "atol", "options"),
+        summary=f"scipy.integrate.{method} on the flattened batch's xbar in float64",
+    )
+
+
+register_backend("torchdiffeq", torchdiffeq_solver, torchdiffeq_methods)
+register_backend("scipy", scipy_solver, scipy_methods)
