@@ -61,8 +61,9 @@ def summary(rows: list[Row]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--steps", default="3,4,5,6,8,10,15,20,25,50")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--steps", default="5,10,20,50")
+    p.add_argument("--ref-tol", type=float, default=None, help="default: the model's (1e-7)")
     p.add_argument("--out", default="benchmarks/results/digits")
     p.add_argument("--doc", default="docs/benchmarks.md")
     p.add_argument("--resume", action="store_true")
@@ -74,6 +75,7 @@ def main() -> None:
         steps=steps,
         spacings=SPACINGS,
         tols=[1e-2, 3e-3, 1e-3, 3e-4, 1e-4],
+        ref_tol=args.ref_tol,
         samples=args.samples,
         seed=0,
         peers=PEERS,
