@@ -96,7 +96,8 @@ def main() -> None:
             shutil.copy(out / name, img / f"bench_digits_{name}")
     text = (
         f"Command: `python benchmarks/published.py` ({wall / 60:.1f} min on this machine); "
-        f"{args.samples} samples, seed 0, steps {args.steps}, grids "
+        f"{args.samples} samples, seed 0, reference float64 rk45 at rtol = atol = "
+        f"{args.ref_tol or 1e-7:g}, steps {args.steps}, grids "
         f"{', '.join(SPACINGS)}.\n\n### Best error within an NFE budget\n\n{summary(rows)}"
         f"\n\n### Every row\n\n```\n{table}\n```\n"
     )
