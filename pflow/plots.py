@@ -5,6 +5,7 @@ Only the benchmark and the command line import this module (and so matplotlib).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,23 @@ def _series(rows: Sequence[Any]) -> dict[tuple[str, str, bool], list[Any]]:
     return lines
 
 
+def _best_grid_per_solver(
+    lines: dict[tuple[str, str, bool], list[Any]], field: str
+) -> dict[tuple[str, str, bool], list[Any]]:
+    """Keep, for each solver, the grid with the lowest geometric-mean ``field``."""
+    best: dict[tuple[str, bool], tuple[float, tuple[str, str, bool]]] = {}
+    for key, rs in lines.items():
+        vals = [getattr(r, field) for r in rs]
+        vals = [v for v in vals if v is not None and v > 0 and math.isfinite(v)]
+        if not vals:
+            continue
+        score = sum(math.log(v) for v in vals) / len(vals)
+        solver_key = (key[0], key[2])
+        if solver_key not in best or score < best[solver_key][0]:
+            best[solver_key] = (score, key)
+    return {key: lines[key] for _, key in best.values()}
+
+
 def plot_vs_nfe(
     rows: Sequence[Any],
     path: Path,
@@ -33,10 +51,15 @@ def plot_vs_nfe(
     field: str = "rmse",
     ylabel: str = "endpoint RMSE vs reference",
     title: str = "",
+    max_lines: int = 14,
 ) -> None:
-    """Log-log ``field`` against NFE, one line per solver and grid; peers dashed."""
+    """Log-log ``field`` against NFE, one line per solver and grid; peers dashed. With more
+    than ``max_lines`` lines, each solver keeps only its best grid."""
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
     lines = _series(rows)
+    if len(lines) > max_lines:
+        lines = _best_grid_per_solver(lines, field)
+        title = (title + "; " if title else "") + "best grid per solver"
     for (solver, spacing, peer), rs in sorted(lines.items()):
         pts = sorted(
             (r.nfe, getattr(r, field))
