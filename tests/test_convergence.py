@@ -3,8 +3,6 @@ Gaussian mixture, against a float64 DOP853 reference (diffrax's way of testing s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,23 +10,13 @@ import torch
 import pflow
 
 from .conftest import make_gmm
-from .reference import rms, scipy_reference, x_of, xbar_of
-
-SIGMA_HI, SIGMA_LO = 20.0, 0.1
-
-
-def _geometric(n: int) -> torch.Tensor:
-    return torch.exp(
-        torch.linspace(math.log(SIGMA_HI), math.log(SIGMA_LO), n + 1, dtype=torch.float64)
-    )
+from .reference import SIGMA_HI, SIGMA_LO, order_problem, rms, scipy_reference, xbar_of
+from .reference import geometric as _geometric
 
 
 @pytest.fixture(scope="module")
 def problem():
-    gmm = make_gmm(dim=4, k=3, seed=3)
-    noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = scipy_reference(gmm, xbar_of(noise, SIGMA_HI), SIGMA_HI, SIGMA_LO)
-    return gmm, noise, x_of(ref, SIGMA_LO)
+    return order_problem()
 
 
 # Step counts sit in the asymptotic range: below ~10 steps across this factor-200 range

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,36 +16,15 @@ from pflow.solvers.exponential import dpm_solver, dpm_solver_pp, phi, unipc
 from pflow.zoo import GaussianMixture
 
 from .conftest import make_gmm
-from .reference import rms, scipy_reference, x_of, xbar_of
-
-SIGMA_HI, SIGMA_LO = 20.0, 0.1
-
-
-def _geometric(n: int, hi: float = SIGMA_HI, lo: float = SIGMA_LO) -> torch.Tensor:
-    return torch.exp(torch.linspace(math.log(hi), math.log(lo), n + 1, dtype=torch.float64))
-
-
-def _with_startup(n: int, k: int = 3) -> torch.Tensor:
-    """The geometric grid of ``n`` steps (log-step ``d``) with ``k`` extra start-up steps of
-    ``d^2 / 2`` at its top, so that the lower-order steps a multistep method starts with
-    (local error O(d^2) for the first, first-order one) do not show in the global error:
-    the order then measured is the warmed-up method's."""
-    d = math.log(SIGMA_HI / SIGMA_LO) / n
-    logs = [math.log(SIGMA_HI) - j * d * d / 2 for j in range(k + 1)]
-    logs += [math.log(SIGMA_HI) - d * j for j in range(1, n + 1)]
-    return torch.exp(torch.tensor(logs, dtype=torch.float64))
-
-
-def _slope(steps, errors) -> float:
-    return -float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
+from .reference import SIGMA_HI, order_problem, rms
+from .reference import geometric as _geometric
+from .reference import slope as _slope
+from .reference import with_startup as _with_startup
 
 
 @pytest.fixture(scope="module")
 def problem():
-    gmm = make_gmm(dim=4, k=3, seed=3)
-    noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = scipy_reference(gmm, xbar_of(noise, SIGMA_HI), SIGMA_HI, SIGMA_LO)
-    return gmm, noise, x_of(ref, SIGMA_LO)
+    return order_problem()
 
 
 # Measured slopes (this problem, these step counts): dpm_solver_2 1.98, dpm_solver_3 2.92,

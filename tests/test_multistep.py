@@ -5,8 +5,6 @@ test_peers.py."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -17,41 +15,19 @@ from pflow.solvers import PFODE
 from pflow.solvers.multistep import IPNDM_FIXED, ab_weights, ab_weights_quadrature, ipndm, lms
 
 from .conftest import make_gmm
-from .reference import rms, scipy_reference, x_of, xbar_of
-
-SIGMA_HI, SIGMA_LO = 20.0, 0.1
-
-
-def _geometric(n: int) -> torch.Tensor:
-    return torch.exp(
-        torch.linspace(math.log(SIGMA_HI), math.log(SIGMA_LO), n + 1, dtype=torch.float64)
-    )
+from .reference import SIGMA_HI, SIGMA_LO, order_problem, rms
+from .reference import geometric as _geometric
+from .reference import slope as _slope
+from .reference import with_startup as _with_startup
 
 
 def _uniform(n: int) -> torch.Tensor:
     return torch.linspace(SIGMA_HI, SIGMA_LO, n + 1, dtype=torch.float64)
 
 
-def _with_startup(n: int, k: int = 3) -> torch.Tensor:
-    """The geometric grid with ``k`` start-up steps of ``d^2 / 2`` in log sigma at its top
-    (``d`` its log-step): the lower-order start (Euler first, local error O(d^2)) then
-    stays below the warmed-up method's own error, whose order is what is measured."""
-    d = math.log(SIGMA_HI / SIGMA_LO) / n
-    logs = [math.log(SIGMA_HI) - j * d * d / 2 for j in range(k + 1)]
-    logs += [math.log(SIGMA_HI) - d * j for j in range(1, n + 1)]
-    return torch.exp(torch.tensor(logs, dtype=torch.float64))
-
-
-def _slope(steps, errors) -> float:
-    return -float(np.polyfit(np.log(steps), np.log(errors), 1)[0])
-
-
 @pytest.fixture(scope="module")
 def problem():
-    gmm = make_gmm(dim=4, k=3, seed=3)
-    noise = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = scipy_reference(gmm, xbar_of(noise, SIGMA_HI), SIGMA_HI, SIGMA_LO)
-    return gmm, noise, x_of(ref, SIGMA_LO)
+    return order_problem()
 
 
 # Measured slopes: lms order 2/3/4 1.92/2.91/3.88, ipndm 3.88, ipndm with fixed weights on
