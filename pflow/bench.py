@@ -106,12 +106,18 @@ def reference_endpoint(
     """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
     from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk."""
     path = None
+    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+    # The package ships the reference of the default benchmark (digits, 128 samples,
+    # seed 0, rtol = atol = 1e-7), made by benchmarks/published.py; a run's own cache
+    # comes first.
+    shipped = Path(__file__).parent / "zoo" / "references" / f"reference-{digest}.safetensors"
     if cache_dir is not None:
-        digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
         path = cache_dir / f"reference-{digest}.safetensors"
-        if path.exists():
-            loaded = load_file(str(path))
-            return loaded["x"], int(loaded["nfe"].item())
+    for candidate in (path, shipped):
+        if candidate is not None and candidate.exists():
+            loaded = load_file(str(candidate))
+            if loaded["x"].shape == noise64.shape:
+                return loaded["x"], int(loaded["nfe"].item())
     model = bundle.model
     model64 = model.to(torch.float64) if isinstance(model, EpsModel) else model
     res = sample(model64, noise64, "rk45", rtol=ref_tol, atol=ref_tol, last_step=bundle.last_step)  # type: ignore[arg-type]
