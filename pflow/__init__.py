@@ -6,6 +6,7 @@ pflow integrates that ODE with the solver of your choice and counts what it cost
 
 from .errors import MaxNFEExceeded, NonFiniteError
 from .grids import get_sigmas, validate_sigmas
+from .inversion import decode, encode
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .model import EpsModel, ODEModel
 from .reference import reference
@@ -23,6 +24,8 @@ __all__ = [
     "SolveResult",
     "available_solvers",
     "bits_per_dim",
+    "decode",
+    "encode",
     "get_sigmas",
     "log_likelihood",
     "reference",

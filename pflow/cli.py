@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from .bench import BenchConfig, format_table, run_bench
+from .cli_inversion import add_parsers as _add_inversion
 from .cli_likelihood import add_parsers as _add_likelihood
 from .grids import SPACINGS
 
@@ -192,6 +193,7 @@ def _sample(args: argparse.Namespace) -> int:
 # Each command module exposes add_parsers(subparsers), setting func=handler(args) -> int.
 _COMMAND_ADDERS = [_add_bench, _add_sample]
 _COMMAND_ADDERS.append(_add_likelihood)
+_COMMAND_ADDERS.append(_add_inversion)
 
 
 def _parser() -> argparse.ArgumentParser:

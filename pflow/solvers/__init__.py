@@ -133,4 +133,4 @@ def _options(spec: SolverSpec, given: dict[str, Any]) -> dict[str, Any]:
 
 __all__ += ["PFODE", "Outcome", "register", "register_backend"]
 
-from . import exponential, multistep, stochastic  # noqa: E402,F401
+from . import exponential, multistep, reversible, stochastic  # noqa: E402,F401
