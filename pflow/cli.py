@@ -8,35 +8,12 @@ import time
 from collections.abc import Sequence
 
 from .bench import BenchConfig, format_table, run_bench
+from .cli_args import float_list, int_list
 from .cli_inversion import add_parsers as _add_inversion
 from .cli_likelihood import add_parsers as _add_likelihood
 from .grids import SPACINGS
 
 __all__ = ["main"]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-    return values
 
 
 def _solver_list(text: str) -> list[str]:
@@ -83,7 +60,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--steps",
-        type=_int_list,
+        type=int_list,
         default=list(defaults.steps),
         help="comma-separated step counts for fixed-step solvers",
     )
@@ -95,7 +72,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--tols",
-        type=_float_list,
+        type=float_list,
         default=list(defaults.tols),
         help="comma-separated tolerances (rtol = atol) for adaptive solvers",
     )

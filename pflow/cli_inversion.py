@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cli_args import float_list
 from .grids import SPACINGS
 from .inversion import DDIM_INVERSE, decode, encode
 from .solvers import available_solvers, get_solver
@@ -79,7 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--steps", type=_ints, default=[5, 10, 20, 50], help="comma-separated")
     r.add_argument(
-        "--tols", type=_floats, default=[1e-3, 1e-5], help="rtol = atol of adaptive solvers"
+        "--tols", type=float_list, default=[1e-3, 1e-5], help="rtol = atol of adaptive solvers"
     )
     r.add_argument("--spacing", choices=SPACINGS, default="trailing")
     r.add_argument("--samples", type=_positive_int, default=100, help="number of data samples")
@@ -117,18 +118,6 @@ def _positive_int(text: str) -> int:
 
 def _ints(text: str) -> list[int]:
     return [_positive_int(v) for v in text.split(",") if v.strip()] or _bad(text)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
-    return values
 
 
 def _bad(text: str) -> Any:

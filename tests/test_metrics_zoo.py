@@ -21,14 +21,6 @@ from pflow.zoo.registry import load_model
 
 from .conftest import make_gmm
 
-WEIGHTS = pflow.zoo.registry.__file__.replace("registry.py", "weights")
-
-
-def _has(name: str) -> bool:
-    import os
-
-    return os.path.exists(os.path.join(WEIGHTS, name))
-
 
 def test_frechet_distance_is_zero_for_identical_and_grows_with_noise():
     g = torch.Generator().manual_seed(0)
@@ -79,7 +71,6 @@ def test_sliced_wasserstein_closed_form_for_a_shift():
     assert sliced_wasserstein(a, other) < 0.1 < sw
 
 
-@pytest.mark.skipif(not _has("moons_mlp.safetensors"), reason="moons weights not bundled")
 def test_moons_model_loads_offline_and_samples_near_the_data():
     from pflow.zoo.data import moons_data
 
@@ -94,7 +85,6 @@ def test_moons_model_loads_offline_and_samples_near_the_data():
     assert sw_model < 0.4 * sw_noise, (sw_model, sw_noise)
 
 
-@pytest.mark.skipif(not _has("digits_classifier.safetensors"), reason="classifier not bundled")
 def test_classifier_recognises_held_out_digits():
     from pflow.zoo.data import digits_data, digits_labels
     from pflow.zoo.networks_load import load_digits_classifier
@@ -107,7 +97,6 @@ def test_classifier_recognises_held_out_digits():
     assert digits_fd(digits_data("train")) < digits_fd(torch.rand(300, 1, 8, 8) * 2 - 1)
 
 
-@pytest.mark.skipif(not _has("digits_unet.safetensors"), reason="digits UNet not bundled")
 def test_digits_model_samples_are_recognised():
     bundle = load_model("digits")
     noise = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
