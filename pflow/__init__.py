@@ -9,6 +9,7 @@ from .grids import get_sigmas, validate_sigmas
 from .inversion import decode, encode
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .model import EpsModel, ODEModel
+from .noise import keyed_randn, noise_keys
 from .reference import reference
 from .schedule import NoiseSchedule
 from .solve import SolveResult, sample
@@ -27,7 +28,9 @@ __all__ = [
     "decode",
     "encode",
     "get_sigmas",
+    "keyed_randn",
     "log_likelihood",
+    "noise_keys",
     "reference",
     "sample",
     "validate_sigmas",

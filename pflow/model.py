@@ -19,6 +19,11 @@ scale ``x_t = xbar / sqrt(1 + sigma^2)``, and ``model.predict_xt(x_t, sigma) ->
 denoised ``x0_hat`` (``xbar_next = x0_hat + sigma_next * eps`` for Euler), because that
 is far better conditioned in float32 than ``xbar`` (``sigma_max`` is ~157 for the linear
 schedule and above 1e4 for the cosine one).
+
+Reduced precision and compilation: ``net_dtype`` (or :meth:`EpsModel.with_network_precision`)
+runs ``net`` in bfloat16/float16 while the ODE state ``x_t``, the conversion to ``eps`` and
+``x0_hat`` and every solver step stay in the caller's dtype; :meth:`EpsModel.compile` wraps
+``net`` in :func:`torch.compile`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -65,6 +70,17 @@ def sigma_column(sigma: float | Tensor, x: Tensor) -> Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _check_float_dtype(dtype: object, name: str) -> torch.dtype:
+    """``dtype`` when it is a floating ``torch.dtype``; a ``TypeError`` naming ``name``
+    otherwise."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating torch.dtype such as torch.bfloat16, torch.float16 or "
+            f"torch.float32, got {dtype!r}"
+        )
+    return dtype
+
+
 class EpsModel:
     """A DDPM network as the right-hand side of the probability-flow ODE.
 
@@ -77,11 +93,27 @@ class EpsModel:
         quantize: pass the nearest training step (an int64 tensor) instead of the
             continuous ``t(sigma)`` (a float tensor in ``x_t``'s dtype). Use it for
             networks that only accept integer timesteps.
-        t_dtype: dtype of the continuous ``t`` given to ``net``; ``x_t``'s dtype by default.
+        t_dtype: dtype of the continuous ``t`` given to ``net``; ``net_dtype`` when that is
+            set, else ``x_t``'s dtype.
+        net_dtype: a floating dtype (``torch.bfloat16``, ``torch.float16``, ...) to run
+            ``net`` in: ``x_t`` (and the continuous ``t``, unless ``t_dtype`` is given; a
+            quantized int64 ``t`` stays int64) is cast to it before the call and the
+            prediction is cast back to ``x_t``'s dtype before it is converted to ``eps`` and
+            ``x0_hat``, so the ODE state and the solver's arithmetic stay in the caller's
+            dtype. ``None`` (the default) hands ``net`` the state's dtype. The network's
+            parameters must already be in this dtype; :meth:`with_network_precision` casts
+            an ``nn.Module`` and sets this in one go. Near ``t = 1000`` bfloat16 can only
+            represent multiples of 4 (float16: of 0.5); pass ``t_dtype=torch.float32`` for
+            networks that accept a float32 ``t`` with low-precision inputs (diffusers UNets
+            do: they compute the time embedding in float32).
 
     ``model(xbar, sigma)`` returns ``eps`` in ``xbar``'s dtype. Conversion coefficients are
     computed in float64 from sigma: ``sqrt(a) = 1 / sqrt(1 + sigma^2)`` and
     ``sqrt(1 - a) = sigma / sqrt(1 + sigma^2)``.
+
+    A compiled model (:meth:`compile`) keeps the uncompiled network (:attr:`eager_net`) and
+    the ``torch.compile`` arguments; :meth:`to` and :meth:`with_network_precision` act on
+    the uncompiled network and compile the result again with the same arguments.
     """
 
     def __init__(
@@ -92,6 +124,7 @@ class EpsModel:
         *,
         quantize: bool = False,
         t_dtype: torch.dtype | None = None,
+        net_dtype: torch.dtype | None = None,
     ) -> None:
         if not callable(net):
             raise TypeError(f"net must be callable as net(x_t, t), got {type(net).__name__}")
@@ -108,28 +141,128 @@ class EpsModel:
         self.prediction: Prediction = prediction
         self.quantize = bool(quantize)
         self.t_dtype = t_dtype
+        self.net_dtype = None if net_dtype is None else _check_float_dtype(net_dtype, "net_dtype")
+        # Set by compile(): the network before torch.compile and the arguments it got.
+        self._eager_net: Callable[[Tensor, Tensor], Tensor] | None = None
+        self._compile_kwargs: dict[str, Any] | None = None
+
+    @property
+    def eager_net(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The uncompiled network: ``net`` itself unless this model came from :meth:`compile`."""
+        return self._eager_net if self._eager_net is not None else self.net
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether ``net`` is the ``torch.compile`` wrapper made by :meth:`compile`."""
+        return self._compile_kwargs is not None
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.net_dtype is not None:
+            extra += f", net_dtype={self.net_dtype}"
+        if self.is_compiled:
+            extra += ", compiled=True"
         return (
-            f"EpsModel(net={type(self.net).__name__}, {self.schedule!r}, "
-            f"prediction={self.prediction!r}, quantize={self.quantize})"
+            f"EpsModel(net={type(self.eager_net).__name__}, {self.schedule!r}, "
+            f"prediction={self.prediction!r}, quantize={self.quantize}{extra})"
         )
+
+    def _copy_with(
+        self, eager_net: Callable[[Tensor, Tensor], Tensor], net_dtype: torch.dtype | None
+    ) -> EpsModel:
+        """This model with another (uncompiled) network and ``net_dtype``, compiled again
+        with the same arguments when this one is compiled."""
+        model = EpsModel(
+            eager_net,
+            self.schedule,
+            self.prediction,
+            quantize=self.quantize,
+            t_dtype=self.t_dtype,
+            net_dtype=net_dtype,
+        )
+        if self._compile_kwargs is not None:
+            model = model.compile(**self._compile_kwargs)
+        return model
 
     def to(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> EpsModel:
         """A copy whose network (when it is an ``nn.Module``) is moved to ``dtype``/``device``;
-        the float64 copy is what a reference solve needs."""
-        net = self.net
+        the float64 copy is what a reference solve needs.
+
+        The options are carried over. When the network is cast to ``dtype`` and
+        ``net_dtype`` is set, ``net_dtype`` becomes ``dtype`` (the network now runs in
+        it), so ``model.with_network_precision(torch.bfloat16).to(torch.float64)`` is a
+        full-precision model again. A compiled model's uncompiled network is copied and
+        the copy is compiled again with the same arguments (it compiles on its first call).
+        """
+        net = self.eager_net
+        net_dtype = self.net_dtype
         if isinstance(net, torch.nn.Module):
             net = copy.deepcopy(net).to(device=device, dtype=dtype)
-        return EpsModel(
-            net, self.schedule, self.prediction, quantize=self.quantize, t_dtype=self.t_dtype
+            if dtype is not None and net_dtype is not None:
+                net_dtype = dtype
+        return self._copy_with(net, net_dtype)
+
+    def with_network_precision(self, dtype: torch.dtype) -> EpsModel:
+        """A copy whose network runs in ``dtype`` while the ODE state keeps its own dtype.
+
+        The ``nn.Module`` network is deep-copied and cast to ``dtype`` (``torch.bfloat16``,
+        ``torch.float16``, or back to ``torch.float32``) and ``net_dtype = dtype`` is set:
+        ``x_t`` is rounded to ``dtype`` for the call and the prediction comes back in the
+        state's dtype, so ``eps``, ``x0_hat`` and the solver's steps keep float32/float64
+        arithmetic. Expect a relative error of a few ``dtype`` epsilons per evaluation
+        (bfloat16: 7.8e-3, float16: 9.8e-4). A compiled model stays compiled (its
+        uncompiled network is cast and compiled again with the same arguments).
+
+        Raises:
+            TypeError: ``dtype`` is not a floating ``torch.dtype``, or ``net`` is not an
+                ``nn.Module`` (pass ``net_dtype=`` to :class:`EpsModel` for a plain
+                callable whose dtype you control yourself).
+        """
+        dtype = _check_float_dtype(dtype, "dtype")
+        net = self.eager_net
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(
+                "with_network_precision needs net to be a torch.nn.Module to cast its "
+                f"parameters, got {type(net).__name__}; for a plain callable pass "
+                "net_dtype= to EpsModel and handle the dtype inside it"
+            )
+        return self._copy_with(copy.deepcopy(net).to(dtype=dtype), dtype)
+
+    def compile(self, **compile_kwargs: Any) -> EpsModel:
+        """A copy whose network is ``torch.compile(net, **compile_kwargs)``.
+
+        The keyword arguments go to :func:`torch.compile` unchanged (``backend=``,
+        ``mode=``, ``dynamic=``, ``fullgraph=``, ...; its defaults otherwise). Only ``net``
+        is compiled: ``eps``/``x0_hat`` conversion and solver steps stay eager. The copy
+        shares the network's parameters with this model.
+
+        Compilation is lazy: the first ``sample()`` call compiles (seconds to minutes; on
+        the CPU the default ``"inductor"`` backend needs a C++ compiler), and a new input
+        shape or dtype (the last, partial batch; a float64 state) compiles again. With
+        ``dynamic=None`` (the default) the second batch size compiles a dynamic-shape graph
+        that then serves every batch size; ``dynamic=False`` compiles one graph per shape.
+        Compiling a compiled model compiles its uncompiled network (:attr:`eager_net`)
+        with the new arguments instead of nesting.
+        """
+        eager = self.eager_net
+        model = EpsModel(
+            torch.compile(eager, **compile_kwargs),
+            self.schedule,
+            self.prediction,
+            quantize=self.quantize,
+            t_dtype=self.t_dtype,
+            net_dtype=self.net_dtype,
         )
+        model._eager_net = eager
+        model._compile_kwargs = dict(compile_kwargs)
+        return model
 
     def timesteps(self, sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:
-        """The ``t`` tensor of shape ``(batch,)`` handed to the network at ``sigma``."""
-        dtype = self.t_dtype or like.dtype
+        """The ``t`` tensor of shape ``(batch,)`` handed to the network at ``sigma``: int64
+        when quantized, else ``t_dtype``, ``net_dtype`` or ``like``'s dtype, the first set."""
+        dtype = self.t_dtype or self.net_dtype or like.dtype
         if isinstance(sigma, Tensor) and sigma.ndim > 0:
             t = self.schedule.sigma_to_t(sigma.reshape(-1).to(like.device))
             if self.quantize:
@@ -147,11 +280,15 @@ class EpsModel:
         v-prediction gives ``x0_hat = sqrt(a) x_t - sqrt(1-a) v`` without dividing by a tiny
         ``sqrt(a)`` (the cosine schedule's ``sqrt(a)`` falls below 1e-4), which is what
         keeps a float32 solve within round-off of a float64 one.
+
+        With ``net_dtype`` set, ``net`` sees ``x_t`` rounded to ``net_dtype`` and its
+        prediction is cast back to ``x_t``'s dtype before the conversion above.
         """
         if isinstance(sigma, Tensor) and sigma.ndim == 0:
             sigma = float(sigma)
         t = self.timesteps(sigma, x_t.shape[0], x_t)
-        out = self.net(x_t, t)
+        x_in = x_t if self.net_dtype is None else x_t.to(self.net_dtype)
+        out = self.net(x_in, t)
         if not isinstance(out, Tensor):  # diffusers returns an output object
             out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
         if out.shape != x_t.shape:

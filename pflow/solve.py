@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .grids import get_sigmas, validate_sigmas
 from .model import ODEModel
+from .noise import noise_keys
 from .schedule import NoiseSchedule
 from .solvers import PFODE, get_solver
 from .solvers import _options as _solver_options
@@ -113,6 +114,8 @@ def sample(
     steps_offset: int = 0,
     set_alpha_to_one: bool = True,
     rho: float = 7.0,
+    batch_size: int | None = None,
+    process_group: Any = None,
     **solver_options: Any,
 ) -> SolveResult:
     """Integrate the PF-ODE from ``noise`` (``x_T``) down a grid of sigmas to data.
@@ -138,7 +141,18 @@ def sample(
         return_trajectory: keep the state at every visited sigma.
         check_finite: raise :class:`~pflow.NonFiniteError` if the model returns NaN/inf.
         steps_offset, set_alpha_to_one, rho: grid options, see :func:`pflow.get_sigmas`.
-        solver_options: options of the solver (for adaptive ones: ``first_step``).
+        batch_size: solve at most this many samples at a time (peak memory is that of
+            one chunk). Fixed-grid and stochastic solvers give the same samples whatever
+            the split (stochastic ones draw per-sample keyed noise, see ``seed``); a
+            shared-step adaptive solver chooses its steps per chunk. With chunks, ``nfe``,
+            ``sigmas`` and the step counts are those of the chunk that cost the most.
+        process_group: a ``torch.distributed`` group whose ranks each hold one shard of
+            the batch: adaptive solvers then take the same steps on every rank, the
+            steps one process with the whole batch would take (see
+            :mod:`pflow.distributed`).
+        solver_options: options of the solver (for adaptive ones: ``first_step``; for
+            stochastic ones: ``seed``, an int or one key per sample from
+            :func:`pflow.noise_keys`, or ``generator``).
 
     Returns:
         A :class:`SolveResult`.
@@ -169,17 +183,79 @@ def sample(
     ):
         raise ValueError(f"max_nfe must be a positive integer, got {max_nfe!r}")
     _solver_options(spec, solver_options)
-    return _run(
-        model,
-        noise,
-        spec.name,
-        grid,
-        max_nfe=max_nfe,
-        last_step=last_step,
-        record=return_trajectory,
-        partial=return_partial,
-        check_finite=check_finite,
-        options=options,
+    if process_group is not None and ":" in spec.name:
+        raise ValueError(
+            f"process_group: {spec.name!r} runs its own step control; use a native solver"
+        )
+    batch = noise.shape[0]
+    if batch_size is None:
+        batch_size = batch
+    elif isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size >= batch:
+        return _run(
+            model,
+            noise,
+            spec.name,
+            grid,
+            max_nfe=max_nfe,
+            last_step=last_step,
+            record=return_trajectory,
+            partial=return_partial,
+            check_finite=check_finite,
+            options=options,
+            process_group=process_group,
+        )
+    if process_group is not None and spec.adaptive:
+        raise ValueError(
+            "batch_size with process_group: ranks must solve their whole shard at once for "
+            "an adaptive solver to take the same steps everywhere"
+        )
+    if isinstance(options.get("seed"), int) and not isinstance(options["seed"], bool):
+        options["seed"] = noise_keys(options["seed"], batch)
+    parts = []
+    for start in range(0, batch, int(batch_size)):
+        chunk = {
+            k: v[start : start + batch_size] if k == "seed" and v is not None else v
+            for k, v in options.items()
+        }
+        parts.append(
+            _run(
+                model,
+                noise[start : start + batch_size],
+                spec.name,
+                grid,
+                max_nfe=max_nfe,
+                last_step=last_step,
+                record=return_trajectory,
+                partial=return_partial,
+                check_finite=check_finite,
+                options=chunk,
+            )
+        )
+    return _merge(parts)
+
+
+def _merge(parts: list[SolveResult]) -> SolveResult:
+    """One result from the chunks of a split batch (samples in order)."""
+    worst = max(parts, key=lambda r: r.nfe)
+    traj = None
+    if parts[0].trajectory is not None:
+        if any(not torch.equal(r.sigmas, parts[0].sigmas) for r in parts):
+            raise ValueError(
+                "return_trajectory with batch_size: the chunks visited different sigmas "
+                "(an adaptive solver); pass sigmas= or solve without batch_size"
+            )
+        traj = torch.cat([r.trajectory for r in parts if r.trajectory is not None], dim=1)
+    return SolveResult(
+        x=torch.cat([r.x for r in parts]),
+        nfe=worst.nfe,
+        sigmas=worst.sigmas,
+        n_accepted=worst.n_accepted,
+        n_rejected=worst.n_rejected,
+        trajectory=traj,
+        finished=all(r.finished for r in parts),
+        message=next((r.message for r in parts if r.message), ""),
     )
 
 
@@ -202,10 +278,11 @@ def _run(
     partial: bool,
     check_finite: bool,
     options: dict[str, Any],
+    process_group: Any = None,
 ) -> SolveResult:
     """Run a solver on a validated grid from the state ``x`` (network scale) at grid[0]."""
     spec = get_solver(solver)
-    ode = PFODE(model, max_nfe=max_nfe, check_finite=check_finite)
+    ode = PFODE(model, max_nfe=max_nfe, check_finite=check_finite, process_group=process_group)
     with torch.no_grad():
         out = spec.run(
             ode, x, grid.tolist(), last_step=last_step, record=record, partial=partial, **options

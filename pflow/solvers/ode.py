@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from ..errors import MaxNFEExceeded, NonFiniteError
 from ..model import ODEModel, sigma_column
 
 __all__ = ["PFODE", "Evaluation", "Outcome", "scale", "walk"]
+
+
+_FOLD = 256
 
 
 def scale(sigma: float) -> float:
@@ -35,20 +39,29 @@ class PFODE:
     NaN/inf watch.
 
     ``eps(x, sigma)`` takes the state in the network's scale. Each call is one network
-    evaluation (NFE) whatever the batch size. Finite-ness is recorded without a host
-    sync; :meth:`raise_if_nonfinite` checks the record.
+    evaluation (NFE) whatever the batch size. With a ``process_group`` (torch.distributed)
+    the batch is one shard of a larger one, and :meth:`batch_max` reduces over all ranks.
+    Finite-ness is recorded without a host sync; :meth:`raise_if_nonfinite` checks the
+    record.
     """
 
     def __init__(
-        self, model: ODEModel, *, max_nfe: int | None = None, check_finite: bool = True
+        self,
+        model: ODEModel,
+        *,
+        max_nfe: int | None = None,
+        check_finite: bool = True,
+        process_group: Any = None,
     ) -> None:
         self.model = model
+        self.process_group = process_group
         self.max_nfe = max_nfe
         self.check_finite = check_finite
         self.nfe = 0
         self._predict = getattr(model, "predict_xt", None)
         self._direct = getattr(model, "eps_from_xt", None)
-        self._finite: list[Tensor] = []
+        self._sums: list[Tensor] = []
+        self._folded: list[Tensor] = []
         self._finite_sigmas: list[float | Tensor] = []
 
     def eval(self, x: Tensor, sigma: float | Tensor) -> Evaluation:
@@ -71,24 +84,44 @@ class PFODE:
                 xbar = x * math.sqrt(1.0 + sigma * sigma)
             eps = self.model(xbar, sigma)
         if self.check_finite:
-            self._finite.append(torch.isfinite(eps).all())
+            # One reduction, no host sync: a float64 sum of eps is finite exactly when
+            # every element is (float32 values cannot overflow it). Folded every
+            # _FOLD evaluations, so the record stays a few bytes per evaluation.
+            self._sums.append(eps.sum(dtype=torch.float64))
             self._finite_sigmas.append(sigma)
+            if len(self._sums) >= _FOLD:
+                self._folded.append(torch.isfinite(torch.stack(self._sums)))
+                self._sums = []
         return Evaluation(x, sigma, eps, x0)
 
     def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """``eps`` at ``(x, sigma)``: one network evaluation."""
         return self.eval(x, sigma).eps
 
+    def batch_max(self, values: Tensor) -> float:
+        """The largest of per-sample ``values`` over the batch, and over every rank of
+        ``process_group`` when there is one (so all ranks take the same adaptive steps,
+        exactly as one process holding the whole batch would). One host sync."""
+        m = values.max()
+        if self.process_group is not None:
+            from ..distributed import all_max
+
+            m = all_max(m, self.process_group)
+        return float(m)
+
     def forget_finite(self) -> None:
         """Drop the finite-ness record (once something else has shown it was all finite)."""
-        self._finite.clear()
+        self._sums.clear()
+        self._folded.clear()
         self._finite_sigmas.clear()
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`NonFiniteError` naming the first sigma whose ``eps`` was not finite."""
-        if not self._finite:
+        if not self._sums and not self._folded:
             return
-        ok = torch.stack(self._finite)
+        ok = torch.cat(
+            [*self._folded, torch.isfinite(torch.stack(self._sums))] if self._sums else self._folded
+        )
         if bool(ok.all()):
             self.forget_finite()
             return

@@ -139,8 +139,8 @@ def _initial_step(
     c0 = scale(sigma)
     # d x / d sigma in the network's scale: -sigma / (1 + sigma^2) * x + C(sigma) * eps.
     f0 = x * (-sigma * c0 * c0) + k0 * c0
-    d0 = float(rms_per_sample(x / sc).max())
-    d1 = float(rms_per_sample(f0 / sc).max())
+    d0 = ode.batch_max(rms_per_sample(x / sc))
+    d1 = ode.batch_max(rms_per_sample(f0 / sc))
     h0 = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
     h0 = min(h0, span)
     s1 = sigma + direction * h0
@@ -148,7 +148,7 @@ def _initial_step(
     x1 = x + f0 * (direction * h0)
     k1 = ode.eps(x1, s1)
     f1 = x1 * (-s1 * c1 * c1) + k1 * c1
-    d2 = float(rms_per_sample((f1 - f0) / sc).max()) / h0
+    d2 = ode.batch_max(rms_per_sample((f1 - f0) / sc)) / h0
     dmax = max(d1, d2)
     h1 = (0.01 / dmax) ** (1.0 / (tab.order + 1)) if dmax > 1e-15 else max(1e-6, h0 * 1e-3)
     return min(100 * h0, h1, span)
@@ -171,7 +171,8 @@ def solve_adaptive(
 
     The points of ``grid`` are hit exactly (they are where the trajectory is recorded);
     between them the controller chooses the steps. The step is shared by the whole batch:
-    it is accepted when every sample's error ratio is at most 1.
+    it is accepted when every sample's error ratio is at most 1 (every sample on every
+    rank, when the :class:`PFODE` has a process group).
     """
     controller = PIController(order=1 + min(tableau.order, tableau.error_order or 1))
     visited = [grid[0]]
@@ -204,7 +205,7 @@ def solve_adaptive(
                 h = direction * (remaining if clipped else h_abs)
                 x_next, err, evals = rk_step(ode, tableau, x, sigma, h, first=k)
                 assert err is not None
-                ratio = float(error_ratio(err, x, x_next, rtol, atol).max())
+                ratio = ode.batch_max(error_ratio(err, x, x_next, rtol, atol))
                 if not math.isfinite(ratio):
                     ode.raise_if_nonfinite()
                 ode.forget_finite()

@@ -15,8 +15,11 @@ law as eta = 1) or the paper's larger ``sigma_hat^2 = b`` (``variance="sigma_hat
 DDPM variant of the paper's Table 1). No noise is added on the step into ``sigma = 0``:
 the result there is ``x0_hat``, as for every other solver.
 
-Randomness is per sample: sample ``i`` draws its ``z`` from its own generator seeded with
-``seed + i`` (or ``seeds[i]``), so a sample does not depend on the batch it is drawn in.
+Randomness is per sample: with ``seed=s`` sample ``i`` of the batch draws its ``z`` at
+step ``k`` from the counter-based stream ``(noise_keys(s, i), k + 1)`` of
+:mod:`pflow.noise` (or pass one key per sample), so a sample does not depend on the batch,
+the batch size or the rank it is drawn on. ``generator=`` draws batch-wide ``torch.randn``
+instead (faster to set up, but tied to the batch).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..noise import KeyedNormal, noise_keys
 from . import SolverSpec, register
 from .ode import PFODE, Outcome, walk
 
@@ -34,30 +38,34 @@ __all__ = ["solve_ddim", "solve_ddpm", "PerSampleNoise"]
 
 
 class PerSampleNoise:
-    """Standard normal draws with one generator per sample.
+    """Standard normal draws keyed per sample, one stream per draw.
 
     Args:
-        seed: an integer (sample ``i`` uses ``seed + i``) or one seed per sample.
+        seed: an integer (sample ``i`` of the batch has key ``noise_keys(seed, i)``) or one
+            64-bit key per sample (an int64 tensor or a sequence of ints), as made by
+            :func:`pflow.noise_keys` for the samples' indices in the whole run.
         batch: the batch size.
+
+    The ``k``-th call of :meth:`draw` uses stream ``k`` (stream 0 is reserved for
+    ``x_T``), so step ``k``'s noise is the same however the batch is split.
     """
 
     def __init__(self, seed: int | Sequence[int] | Tensor, batch: int) -> None:
-        if isinstance(seed, Tensor):
-            seeds = [int(s) for s in seed.reshape(-1).tolist()]
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(batch)]
-        else:
-            seeds = [int(s) for s in seed]
-        if len(seeds) != batch:
-            raise ValueError(f"seed must be an int or {batch} per-sample seeds, got {len(seeds)}")
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if isinstance(seed, bool):
+            raise TypeError("seed must be an integer or per-sample keys, got a bool")
+        keys = noise_keys(seed, batch) if isinstance(seed, int) else seed
+        self.normal = KeyedNormal(keys)
+        if len(self.normal) != batch:
+            raise ValueError(
+                f"seed must be an int or {batch} per-sample keys, got {len(self.normal)}"
+            )
+        self.stream = 0
 
     def draw(self, like: Tensor) -> Tensor:
-        shape = like.shape[1:]
-        z = torch.stack(
-            [torch.randn(shape, generator=g, dtype=torch.float64) for g in self.generators]
+        self.stream += 1
+        return self.normal.randn(
+            like.shape[1:], stream=self.stream, dtype=like.dtype, device=like.device
         )
-        return z.to(device=like.device, dtype=like.dtype)
 
 
 def _noise_source(
