@@ -1,9 +1,14 @@
 """The quality-versus-cost benchmark: solvers x grids x step counts on one model.
 
-Every row solves from the same noise ``x_T`` (float32, seeded) and is judged against the
-reference endpoint from that noise: a float64 ``rk45`` solve at a tight tolerance, cached
-on disk. NFE is what the wrapped model counted. Each finished row is written at once
-(atomically), so an interrupted sweep loses nothing and ``resume`` skips what is done.
+Every row solves from the same noise ``x_T`` (float32, keyed per sample: sample ``i``
+is ``keyed_randn(noise_keys(seed, i))``) and is judged against the reference endpoint from
+that noise: a float64 ``rk45`` solve at a tight tolerance, cached on disk. NFE is what the
+wrapped model counted. Each finished row is written at once (atomically), so an
+interrupted sweep loses nothing and ``resume`` skips what is done.
+
+Under ``torchrun`` every rank solves its shard of the samples (:mod:`pflow.distributed`);
+adaptive solvers share step decisions across ranks, rank 0 gathers the samples, computes
+the errors and metrics and writes the files, so the rows equal a single process's.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import World
 from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
 from .model import EpsModel
+from .noise import keyed_randn, noise_keys
 from .solve import sample
 from .solvers import get_solver
 from .zoo.registry import BundledModel, load_model
@@ -56,6 +63,8 @@ class BenchConfig:
     out: str | None = None
     resume: bool = False
     quiet: bool = False
+    batch_size: int | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -91,9 +100,28 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _noise(bundle: BundledModel, samples: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(samples, *bundle.shape, generator=g, dtype=torch.float64)
+def _noise(bundle: BundledModel, indices: range, seed: int) -> torch.Tensor:
+    keys = noise_keys(seed, indices)
+    return keyed_randn(keys, bundle.shape, dtype=torch.float64)
+
+
+def _reference_paths(cache_dir: Path | None, cache_key: str) -> list[Path]:
+    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+    # The package ships the reference of the default benchmark (digits, 128 samples,
+    # seed 0, rtol = atol = 1e-7), made by benchmarks/published.py; a run's own cache
+    # comes first.
+    shipped = Path(__file__).parent / "zoo" / "references" / f"reference-{digest}.safetensors"
+    own = [cache_dir / f"reference-{digest}.safetensors"] if cache_dir is not None else []
+    return [*own, shipped]
+
+
+def _load_reference(paths: list[Path], shape: torch.Size) -> tuple[torch.Tensor, int] | None:
+    for candidate in paths:
+        if candidate.exists():
+            loaded = load_file(str(candidate))
+            if loaded["x"].shape == shape:
+                return loaded["x"], int(loaded["nfe"].item())
+    return None
 
 
 def reference_endpoint(
@@ -102,35 +130,48 @@ def reference_endpoint(
     ref_tol: float,
     cache_dir: Path | None,
     cache_key: str,
-) -> tuple[torch.Tensor, int]:
+    world: World | None = None,
+    n_total: int | None = None,
+) -> tuple[torch.Tensor | None, int]:
     """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
-    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk."""
-    path = None
-    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
-    # The package ships the reference of the default benchmark (digits, 128 samples,
-    # seed 0, rtol = atol = 1e-7), made by benchmarks/published.py; a run's own cache
-    # comes first.
-    shipped = Path(__file__).parent / "zoo" / "references" / f"reference-{digest}.safetensors"
-    if cache_dir is not None:
-        path = cache_dir / f"reference-{digest}.safetensors"
-    for candidate in (path, shipped):
-        if candidate is not None and candidate.exists():
-            loaded = load_file(str(candidate))
-            if loaded["x"].shape == noise64.shape:
-                return loaded["x"], int(loaded["nfe"].item())
+    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk.
+
+    Under a :class:`~pflow.distributed.World` of several ranks ``noise64`` is this rank's
+    shard of ``n_total`` samples; the solve shares its steps across ranks and the whole
+    endpoint is returned on rank 0 (``None`` elsewhere)."""
+    world = world or World()
+    n_total = noise64.shape[0] if n_total is None else n_total
+    paths = _reference_paths(cache_dir, cache_key)
+    cached = None
+    if world.is_main:
+        cached = _load_reference(paths, torch.Size([n_total, *noise64.shape[1:]]))
+    if world.broadcast(cached is not None):
+        return (cached[0], cached[1]) if cached is not None else (None, 0)
     model = bundle.model
-    model64 = model.to(torch.float64) if isinstance(model, EpsModel) else model
-    res = sample(model64, noise64, "rk45", rtol=ref_tol, atol=ref_tol, last_step=bundle.last_step)  # type: ignore[arg-type]
-    if path is not None:
+    model64 = (
+        model.to(dtype=torch.float64, device=world.device) if isinstance(model, EpsModel) else model
+    )
+    res = sample(
+        model64,  # type: ignore[arg-type]
+        noise64.to(world.device),
+        "rk45",
+        rtol=ref_tol,
+        atol=ref_tol,
+        last_step=bundle.last_step,
+        process_group=world.group,
+    )
+    x = world.gather(res.x, n_total)
+    if x is not None and cache_dir is not None:
+        path = paths[0]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(
-            {"x": res.x.contiguous(), "nfe": torch.tensor(res.nfe)},
+            {"x": x.contiguous(), "nfe": torch.tensor(res.nfe)},
             str(tmp),
             metadata={"key": cache_key},
         )
         os.replace(tmp, path)
-    return res.x, res.nfe
+    return x, res.nfe
 
 
 def parse_solver(label: str) -> tuple[str, dict[str, Any]]:
@@ -194,6 +235,9 @@ def _validate(config: BenchConfig) -> None:
             raise ValueError(f"tols must be > 0, got {tol!r}")
     if config.samples < 1:
         raise ValueError(f"samples must be >= 1, got {config.samples}")
+    bs = config.batch_size
+    if bs is not None and (isinstance(bs, bool) or int(bs) != bs or bs < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
     if config.peers and list(config.peers) != ["auto"]:
         from .integrations import diffusers_peers
 
@@ -249,41 +293,58 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})") from None
 
 
-def run_bench(config: BenchConfig) -> list[Row]:
+def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
     """Run the sweep; with ``config.out`` set, write ``bench.json`` and ``bench.csv`` after
-    every row, then the plots."""
+    every row, then the plots. Under a :class:`~pflow.distributed.World` of several ranks
+    every rank must call it; rank 0 returns the rows and writes the files, the others
+    return an empty list."""
+    world = world or World()
     _validate(config)
     out = Path(config.out) if config.out else None
-    if out is not None:
+    if out is not None and world.is_main:
         _check_out(out)
     bundle = load_model(config.model)
     if list(config.peers) == ["auto"]:
         config.peers = _auto_peers(bundle)
     ref_tol = config.ref_tol if config.ref_tol is not None else bundle.ref_tol
-    noise64 = _noise(bundle, config.samples, config.seed)
+    if config.samples < world.size:
+        raise ValueError(f"samples ({config.samples}) must be at least the number of ranks")
+    indices = world.shard(config.samples)
+    noise64 = _noise(bundle, indices, config.seed).to(world.device)
     noise = noise64.float()
+    model = bundle.model
+    if isinstance(model, EpsModel) and world.device.type != "cpu":
+        model = model.to(device=world.device)
     key = json.dumps(
         {
             "model": config.model,
             "samples": config.samples,
             "seed": config.seed,
+            "noise": "keyed",
             "ref_tol": ref_tol,
             "last_step": bundle.last_step,
         }
     )
     ref, ref_nfe = reference_endpoint(
-        bundle, noise64, ref_tol, out / ".cache" if out else None, key
+        bundle,
+        noise64,
+        ref_tol,
+        out / ".cache" if out else None,
+        key,
+        world=world,
+        n_total=config.samples,
     )
     done: dict[str, Row] = {}
     json_path = out / "bench.json" if out else None
-    if config.resume and json_path is not None and json_path.exists():
+    if world.is_main and config.resume and json_path is not None and json_path.exists():
         for r in json.loads(json_path.read_text()).get("rows", []):
             row = Row(**r)
             done[row.key] = row
+    done = world.broadcast(done)
     rows: list[Row] = []
     grid_samples: dict[str, tuple[int, torch.Tensor]] = {}
     todo = list(_settings(config))
-    progress = _Progress(len(todo), config.quiet)
+    progress = _Progress(len(todo), config.quiet or not world.is_main)
     for solver, spacing, steps, tol, peer in todo:
         probe_key = Row(solver, spacing, steps, tol, 0, 0.0, None, "", 0.0).key
         if probe_key in done:
@@ -292,21 +353,28 @@ def run_bench(config: BenchConfig) -> list[Row]:
             continue
         t0 = time.perf_counter()
         if peer:
-            x, nfe = _run_peer(bundle, solver, noise, int(steps or 0))
+            x, nfe = _run_peer(model, solver, noise, int(steps or 0), config.batch_size)
             n_rej = 0
         else:
             kwargs: dict[str, Any] = {"last_step": bundle.last_step}
             if tol is None:
-                kwargs.update(steps=steps, spacing=spacing)
+                kwargs.update(steps=steps, spacing=spacing, batch_size=config.batch_size)
+            elif world.size > 1:
+                # All ranks share the adaptive steps: each solves its whole shard at once.
+                kwargs.update(rtol=tol, atol=tol, process_group=world.group)
             else:
-                kwargs.update(rtol=tol, atol=tol)
+                kwargs.update(rtol=tol, atol=tol, batch_size=config.batch_size)
             name, options = parse_solver(solver)
             kwargs.update(options)
             if get_solver(name).stochastic:
-                kwargs["seed"] = config.seed
-            res = sample(bundle.model, noise, name, **kwargs)
+                kwargs["seed"] = noise_keys(config.seed, indices)
+            res = sample(model, noise, name, **kwargs)
             x, nfe, n_rej = res.x, res.nfe, res.n_rejected
-        wall = time.perf_counter() - t0
+        wall = world.max(time.perf_counter() - t0)
+        gathered = world.gather(x, config.samples)
+        if gathered is None or ref is None:
+            continue
+        x = gathered
         metric, metric_name = distribution_metric(bundle, x)
         # A stochastic sampler's endpoint is not the ODE's: no trajectory error.
         stochastic = not peer and _is_stochastic(solver)
@@ -331,6 +399,8 @@ def run_bench(config: BenchConfig) -> list[Row]:
         if out is not None:
             _write(out, config, bundle, rows, ref_nfe)
         progress.step(f"{solver} {spacing} {steps or tol}")
+    if not world.is_main:
+        return []
     if out is not None:
         _write(out, config, bundle, rows, ref_nfe)
         if config.plots:
@@ -339,14 +409,18 @@ def run_bench(config: BenchConfig) -> list[Row]:
 
 
 def _run_peer(
-    bundle: BundledModel, name: str, noise: torch.Tensor, steps: int
+    model: Any, name: str, noise: torch.Tensor, steps: int, batch_size: int | None
 ) -> tuple[torch.Tensor, int]:
     from .integrations.diffusers_peers import run_peer
 
-    model = bundle.model
     if not isinstance(model, EpsModel) or model.prediction != "epsilon":
         raise ValueError("diffusers peers need an EpsModel with prediction='epsilon'")
-    return run_peer(name, model.net, model.schedule, noise, steps)
+    size = batch_size or noise.shape[0]
+    parts = [
+        run_peer(name, model.net, model.schedule, noise[i : i + size], steps)
+        for i in range(0, noise.shape[0], size)
+    ]
+    return torch.cat([p[0] for p in parts]), max(p[1] for p in parts)
 
 
 def _plots(

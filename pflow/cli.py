@@ -97,20 +97,36 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", default="results/bench", help="output folder (default %(default)s)")
     b.add_argument("--resume", action="store_true", help="skip rows already in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_scale_args(b)
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="solve at most this many samples at a time (memory stays flat as samples grow)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N (default %(default)s)",
+    )
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sample", help="draw samples with one solver; write PNG, .npy or .pt")
     s.set_defaults(func=_sample)
     s.add_argument("--model", default="digits", help="bundled model name or module:factory")
-    s.add_argument("--solver", default="heun", choices=None, help="a solver name")
+    s.add_argument("--solver", default="heun", help="a solver name, with options: ddim[eta=1]")
     s.add_argument("--steps", type=int, default=None, help="steps of a fixed-step solver")
     s.add_argument("--spacing", default="trailing", choices=SPACINGS)
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' rtol")
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers' atol")
-    s.add_argument("--n", type=int, default=64, help="number of samples")
+    s.add_argument("--samples", "--n", dest="n", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file: .png, .npy or .pt")
+    _add_scale_args(s)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -119,49 +135,77 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from .bench import parse_solver
+    from .distributed import init
+    from .model import EpsModel
+    from .noise import keyed_randn, noise_keys
     from .solve import sample
     from .solvers import get_solver
     from .zoo.registry import load_model
 
-    get_solver(args.solver)
+    name, options = parse_solver(args.solver)
+    spec = get_solver(name)
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise ValueError(f"--samples must be >= 1, got {args.n}")
     out = Path(args.out)
     if out.suffix not in (".png", ".npy", ".pt"):
         raise ValueError(f"--out must end in .png, .npy or .pt, got {out.name!r}")
     bundle = load_model(args.model)
-    if args.steps is None and not get_solver(args.solver).adaptive:
+    if args.steps is None and not spec.adaptive:
         args.steps = 10
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(args.n, *bundle.shape, generator=g)
-    t0 = time.perf_counter()
-    res = sample(
-        bundle.model,
-        noise,
-        args.solver,
-        steps=args.steps,
-        spacing=args.spacing,
-        rtol=args.rtol,
-        atol=args.atol,
-        last_step=bundle.last_step,
-    )  # type: ignore[arg-type]
-    wall = time.perf_counter() - t0
+    world = init(args.device)
+    try:
+        if args.n < world.size:
+            raise ValueError(f"--samples ({args.n}) must be at least the number of ranks")
+        indices = world.shard(args.n)
+        keys = noise_keys(args.seed, indices)
+        noise = keyed_randn(keys, bundle.shape, device=world.device)
+        model = bundle.model
+        if isinstance(model, EpsModel) and world.device.type != "cpu":
+            model = model.to(device=world.device)
+        if spec.stochastic and "generator" not in options:
+            options["seed"] = keys
+        if spec.adaptive and world.size > 1:
+            # Every rank takes the steps one process with all samples would take.
+            options["process_group"] = world.group
+        else:
+            options["batch_size"] = args.batch_size
+        t0 = time.perf_counter()
+        res = sample(
+            model,
+            noise,
+            name,
+            steps=args.steps,
+            spacing=args.spacing,
+            rtol=args.rtol,
+            atol=args.atol,
+            last_step=bundle.last_step,
+            **options,
+        )  # type: ignore[arg-type]
+        wall = world.max(time.perf_counter() - t0)
+        x = world.gather(res.x, args.n)
+        nfe = int(world.max(res.nfe))
+    finally:
+        world.close()
+    if x is None:
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         from .plots import plot_samples
 
         plot_samples(
-            {f"{args.solver}, NFE {res.nfe}": res.x},
+            {f"{args.solver}, NFE {nfe}": x},
             out,
             max_images=args.n,
             title=bundle.description,
         )
     elif out.suffix == ".npy":
-        np.save(out, res.x.numpy())
+        np.save(out, x.numpy())
     else:
-        torch.save(res.x, out)
+        torch.save(x, out)
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
     print(
-        f"{args.n} samples from {bundle.name} with {args.solver}: NFE {res.nfe}, "
+        f"{args.n} samples from {bundle.name} with {args.solver}{ranks}: NFE {nfe}, "
         f"{wall:.2f}s; written to {out}"
     )
     return 0
@@ -194,6 +238,8 @@ def _peers(text: str, model: str) -> list[str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .distributed import init
+
     config = BenchConfig(
         model=args.model,
         solvers=args.solvers,
@@ -209,13 +255,23 @@ def _bench(args: argparse.Namespace) -> int:
         out=args.out,
         resume=args.resume,
         quiet=args.quiet,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     t0 = time.perf_counter()
-    rows = run_bench(config)
+    world = init(args.device)
+    try:
+        rows = run_bench(config, world)
+    finally:
+        world.close()
+    if not world.is_main:
+        return 0
     print(format_table(rows))
     print(
         f"\n{len(rows)} rows, {args.samples} samples, seed {args.seed}, "
-        f"{time.perf_counter() - t0:.1f}s" + (f"; written to {args.out}" if args.out else "")
+        + (f"{world.size} ranks, " if world.size > 1 else "")
+        + f"{time.perf_counter() - t0:.1f}s"
+        + (f"; written to {args.out}" if args.out else "")
     )
     return 0
 

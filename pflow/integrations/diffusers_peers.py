@@ -80,7 +80,7 @@ def run_peer(
     with torch.no_grad():
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(x, t)
-            t_batch = torch.as_tensor(t).reshape(1).expand(x.shape[0]).to(x.dtype)
+            t_batch = torch.as_tensor(t).reshape(1).expand(x.shape[0]).to(x.device, x.dtype)
             eps = net(inp, t_batch)
             nfe += 1
             x = scheduler.step(eps, t, x).prev_sample
