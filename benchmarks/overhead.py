@@ -56,24 +56,36 @@ class TinyMLP(nn.Module):
         return self.net(torch.cat([x, t[:, None].to(x.dtype) / 1000], dim=1))
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def measure(
-    net: nn.Module, schedule: pflow.NoiseSchedule, shape: tuple[int, ...], batch: int, repeats: int
+    net: nn.Module,
+    schedule: pflow.NoiseSchedule,
+    shape: tuple[int, ...],
+    batch: int,
+    repeats: int,
+    device: torch.device,
 ) -> list[tuple[str, int, float]]:
+    net = net.to(device)
     model = pflow.EpsModel(net, schedule)
-    noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    t = torch.full((batch,), 500.0)
+    noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((batch,), 500.0, device=device)
     with torch.no_grad():
-        bare = _median_time(lambda: [net(noise, t) for _ in range(20)], repeats) / 20
+        bare = _median_time(lambda: [net(noise, t) for _ in range(20)], repeats, device) / 20
     rows = []
     available = set(pflow.available_solvers())
     for label, kwargs in SOLVERS.items():
@@ -90,6 +102,7 @@ def measure(
         wall = _median_time(
             lambda name=name, kw={**kwargs, **options}: pflow.sample(model, noise, name, **kw),
             repeats,
+            device,
         )
         rows.append((f"pflow {label}", res.nfe, wall / (res.nfe * bare)))
     try:
@@ -98,7 +111,9 @@ def measure(
         return rows
     for peer in PEERS:
         x, nfe = run_peer(peer, net, schedule, noise, 20)
-        wall = _median_time(lambda peer=peer: run_peer(peer, net, schedule, noise, 20), repeats)
+        wall = _median_time(
+            lambda peer=peer: run_peer(peer, net, schedule, noise, 20), repeats, device
+        )
         rows.append((f"diffusers {peer}", nfe, wall / (nfe * bare)))
     return [(r[0], r[1], r[2]) for r in rows] + [("(bare forward, ms)", 0, bare * 1e3)]
 
@@ -107,19 +122,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--doc", default=None, help="write the table into this Markdown file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--marker", default="overhead", help="the doc's marker name")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     digits = load_model("digits")
     tables = {
         "digits UNet, batch 256": measure(
-            digits.model.net, digits.model.schedule, (1, 8, 8), 256, args.repeats
+            digits.model.net, digits.model.schedule, (1, 8, 8), 256, args.repeats, device
         ),
         "tiny MLP, batch 1024": measure(
-            TinyMLP().eval(), pflow.NoiseSchedule.linear(), (2,), 1024, args.repeats
+            TinyMLP().eval(), pflow.NoiseSchedule.linear(), (2,), 1024, args.repeats, device
         ),
     }
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-        f"{args.repeats}; ratio = wall time / (NFE x bare forward)",
+        f"torch {torch.__version__}, {where}, median of {args.repeats}; "
+        "ratio = wall time / (NFE x bare forward)",
         "",
     ]
     for title, rows in tables.items():
@@ -131,7 +157,7 @@ def main() -> None:
     print(text)
     if args.doc:
         path = Path(args.doc)
-        begin, end = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+        begin, end = f"<!-- {args.marker}:begin -->", f"<!-- {args.marker}:end -->"
         doc = path.read_text() if path.exists() else f"{begin}\n{end}\n"
         head, _, rest = doc.partition(begin)
         _, _, tail = rest.partition(end)

@@ -36,7 +36,8 @@ def all_max(value: Tensor, group: Any) -> Tensor:
     """The largest of a 0-d ``value`` over the ranks of ``group`` (float64)."""
     import torch.distributed as dist
 
-    v = value.detach().reshape(1).to(torch.float64).clone()
+    device = value.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    v = value.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
     dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
     return v[0]
 
@@ -94,12 +95,7 @@ class World:
         """The largest ``value`` over all ranks."""
         if self.size == 1:
             return value
-        return float(all_max(torch.tensor(value, device=self._comm_device()), self.group))
-
-    def _comm_device(self) -> torch.device:
-        import torch.distributed as dist
-
-        return self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        return float(all_max(torch.tensor(value, device=self.device), self.group))
 
     def close(self) -> None:
         """Tear down the process group if :func:`init` started it."""
