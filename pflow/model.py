@@ -93,19 +93,24 @@ class EpsModel:
         quantize: pass the nearest training step (an int64 tensor) instead of the
             continuous ``t(sigma)`` (a float tensor in ``x_t``'s dtype). Use it for
             networks that only accept integer timesteps.
-        t_dtype: dtype of the continuous ``t`` given to ``net``; ``net_dtype`` when that is
-            set, else ``x_t``'s dtype.
+        t_dtype: dtype of the continuous ``t`` given to ``net``; ``x_t``'s (the state's)
+            dtype by default, also when ``net_dtype`` is set.
         net_dtype: a floating dtype (``torch.bfloat16``, ``torch.float16``, ...) to run
-            ``net`` in: ``x_t`` (and the continuous ``t``, unless ``t_dtype`` is given; a
-            quantized int64 ``t`` stays int64) is cast to it before the call and the
-            prediction is cast back to ``x_t``'s dtype before it is converted to ``eps`` and
-            ``x0_hat``, so the ODE state and the solver's arithmetic stay in the caller's
-            dtype. ``None`` (the default) hands ``net`` the state's dtype. The network's
-            parameters must already be in this dtype; :meth:`with_network_precision` casts
-            an ``nn.Module`` and sets this in one go. Near ``t = 1000`` bfloat16 can only
-            represent multiples of 4 (float16: of 0.5); pass ``t_dtype=torch.float32`` for
-            networks that accept a float32 ``t`` with low-precision inputs (diffusers UNets
-            do: they compute the time embedding in float32).
+            ``net`` in: ``x_t`` is cast to it before the call and the prediction is cast
+            back to ``x_t``'s dtype before it is converted to ``eps`` and ``x0_hat``, so the
+            ODE state and the solver's arithmetic stay in the caller's dtype. ``None`` (the
+            default) hands ``net`` the state's dtype. The network's parameters must already
+            be in this dtype; :meth:`with_network_precision` casts
+            an ``nn.Module`` and sets this in one go. ``t`` is not cast to ``net_dtype``
+            (as in diffusers' half-precision pipelines): near ``t = 1000`` bfloat16 can only
+            represent multiples of 4, which costs more accuracy than the network's own
+            rounding. A network that needs ``t`` in its own dtype casts it (pflow's bundled
+            networks do) or gets ``t_dtype=net_dtype``.
+
+    Raises:
+        TypeError: ``net`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, or
+            ``net_dtype`` is not ``None`` or a floating ``torch.dtype``.
+        ValueError: an unknown ``prediction``.
 
     ``model(xbar, sigma)`` returns ``eps`` in ``xbar``'s dtype. Conversion coefficients are
     computed in float64 from sigma: ``sqrt(a) = 1 / sqrt(1 + sigma^2)`` and
@@ -192,9 +197,11 @@ class EpsModel:
 
         The options are carried over. When the network is cast to ``dtype`` and
         ``net_dtype`` is set, ``net_dtype`` becomes ``dtype`` (the network now runs in
-        it), so ``model.with_network_precision(torch.bfloat16).to(torch.float64)`` is a
-        full-precision model again. A compiled model's uncompiled network is copied and
-        the copy is compiled again with the same arguments (it compiles on its first call).
+        it): ``model.with_network_precision(torch.bfloat16).to(torch.float64)`` runs in
+        float64 again, with the weights already rounded to bfloat16 (start from the
+        full-precision model for a reference solve). A compiled model's uncompiled
+        network is copied and the copy is compiled again with the same arguments (it
+        compiles on its first call).
         """
         net = self.eager_net
         net_dtype = self.net_dtype
@@ -261,8 +268,8 @@ class EpsModel:
 
     def timesteps(self, sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:
         """The ``t`` tensor of shape ``(batch,)`` handed to the network at ``sigma``: int64
-        when quantized, else ``t_dtype``, ``net_dtype`` or ``like``'s dtype, the first set."""
-        dtype = self.t_dtype or self.net_dtype or like.dtype
+        when quantized, else ``t_dtype`` or else ``like``'s dtype."""
+        dtype = self.t_dtype or like.dtype
         if isinstance(sigma, Tensor) and sigma.ndim > 0:
             t = self.schedule.sigma_to_t(sigma.reshape(-1).to(like.device))
             if self.quantize:
@@ -296,7 +303,8 @@ class EpsModel:
                 f"net returned shape {tuple(out.shape)} for an input of shape "
                 f"{tuple(x_t.shape)}; pflow needs a prediction of the input's shape"
             )
-        out = out.to(x_t.dtype)
+        if out.dtype != x_t.dtype:
+            out = out.to(x_t.dtype)
         sqrt_a: float | Tensor
         sqrt_1ma: float | Tensor
         sig: float | Tensor
