@@ -65,6 +65,8 @@ class BenchConfig:
     quiet: bool = False
     batch_size: int | None = None
     device: str = "cpu"
+    net_dtype: str | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -312,9 +314,7 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
     indices = world.shard(config.samples)
     noise64 = _noise(bundle, indices, config.seed).to(world.device)
     noise = noise64.float()
-    model = bundle.model
-    if isinstance(model, EpsModel) and world.device.type != "cpu":
-        model = model.to(device=world.device)
+    model = prepare_model(bundle.model, world.device, config.net_dtype, config.compile)
     key = json.dumps(
         {
             "model": config.model,
@@ -408,6 +408,27 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
     return rows
 
 
+NET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_model(
+    model: Any, device: torch.device, net_dtype: str | None = None, compile: bool = False
+) -> Any:
+    """The model on ``device``, its network in ``net_dtype`` (a name from ``NET_DTYPES``)
+    and compiled when asked; the ODE state keeps its own dtype."""
+    if net_dtype is not None and net_dtype not in NET_DTYPES:
+        raise ValueError(f"net_dtype must be one of {', '.join(NET_DTYPES)}, got {net_dtype!r}")
+    if not isinstance(model, EpsModel):
+        if net_dtype is not None or compile or device.type != "cpu":
+            raise ValueError("net_dtype, compile and device need an EpsModel")
+        return model
+    if device.type != "cpu":
+        model = model.to(device=device)
+    if net_dtype is not None:
+        model = model.with_network_precision(NET_DTYPES[net_dtype])
+    return model.compile() if compile else model
+
+
 def _run_peer(
     model: Any, name: str, noise: torch.Tensor, steps: int, batch_size: int | None
 ) -> tuple[torch.Tensor, int]:
@@ -415,9 +436,16 @@ def _run_peer(
 
     if not isinstance(model, EpsModel) or model.prediction != "epsilon":
         raise ValueError("diffusers peers need an EpsModel with prediction='epsilon'")
+    net = model.net
+    if model.net_dtype is not None:  # the same reduced-precision network as pflow's rows
+        dtype = model.net_dtype
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model.net(x.to(dtype), t).to(x.dtype)
+
     size = batch_size or noise.shape[0]
     parts = [
-        run_peer(name, model.net, model.schedule, noise[i : i + size], steps)
+        run_peer(name, net, model.schedule, noise[i : i + size], steps)
         for i in range(0, noise.shape[0], size)
     ]
     return torch.cat([p[0] for p in parts]), max(p[1] for p in parts)

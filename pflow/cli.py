@@ -112,6 +112,13 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N (default %(default)s)",
     )
+    p.add_argument(
+        "--net-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="run the network in this dtype; the ODE state stays float32",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -135,9 +142,8 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .bench import parse_solver
+    from .bench import parse_solver, prepare_model
     from .distributed import init
-    from .model import EpsModel
     from .noise import keyed_randn, noise_keys
     from .solve import sample
     from .solvers import get_solver
@@ -160,9 +166,7 @@ def _sample(args: argparse.Namespace) -> int:
         indices = world.shard(args.n)
         keys = noise_keys(args.seed, indices)
         noise = keyed_randn(keys, bundle.shape, device=world.device)
-        model = bundle.model
-        if isinstance(model, EpsModel) and world.device.type != "cpu":
-            model = model.to(device=world.device)
+        model = prepare_model(bundle.model, world.device, args.net_dtype, args.compile)
         if spec.stochastic and "generator" not in options:
             options["seed"] = keys
         if spec.adaptive and world.size > 1:
@@ -257,6 +261,8 @@ def _bench(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         batch_size=args.batch_size,
         device=args.device,
+        net_dtype=args.net_dtype,
+        compile=args.compile,
     )
     t0 = time.perf_counter()
     world = init(args.device)

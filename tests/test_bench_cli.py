@@ -145,3 +145,28 @@ def test_peers_plots_and_sample_command(tmp_path, capsys):
         main(["sample", "--model", "gmm", "--solver", "euler", "--out", str(tmp_path / "x.txt")])
         == 2
     )
+
+
+def test_sample_batch_size_and_network_precision(tmp_path):
+    """--batch-size splits without changing the samples (to the network's float32
+    round-off across batch shapes); --net-dtype bfloat16 runs the network in bfloat16:
+    the samples move by about bfloat16's epsilon, not float32's, and stay float32."""
+    import torch
+
+    base = ["sample", "--model", "moons", "--solver", "dpmpp_2m", "--steps", "8"]
+    base += ["--samples", "40"]
+    runs = {
+        "one": [],
+        "split": ["--batch-size", "7"],
+        "bf16": ["--net-dtype", "bfloat16"],
+    }
+    x = {}
+    for name, extra in runs.items():
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.pt")]) == 0
+        x[name] = torch.load(tmp_path / f"{name}.pt")
+    torch.testing.assert_close(x["split"], x["one"], rtol=0, atol=1e-6)
+    assert x["bf16"].dtype == torch.float32
+    rel = float((x["bf16"] - x["one"]).norm() / x["one"].norm())
+    eps = torch.finfo(torch.bfloat16).eps
+    assert eps / 50 < rel < 10 * eps, rel
+    assert main([*base, "--batch-size", "0", "--out", str(tmp_path / "bad.pt")]) == 2
