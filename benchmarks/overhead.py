@@ -1,6 +1,7 @@
 """Cost of the sampling loop itself: wall time / (NFE x one bare forward at the same batch).
 
-A ratio of 1.00 means the loop costs nothing beyond the network. Measured side by side
+A ratio of 1.00 means the loop costs nothing beyond the network. Each measurement is a
+pair: NFE bare forwards, then the loop, so drifting clocks and load cancel. Measured side by side
 with diffusers' scheduler loops at the same NFE, on the bundled digits UNet (batch 256)
 and on a tiny MLP (batch 1024, the worst case, where the loop's own cost shows). Median
 of ``--repeats`` runs. Writes the table to stdout and, with ``--doc``, into
@@ -56,20 +57,33 @@ class TinyMLP(nn.Module):
         return self.net(torch.cat([x, t[:, None].to(x.dtype) / 1000], dim=1))
 
 
-def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    fn()  # warm-up
-    sync()
-    times = []
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _paired_ratio(
+    run: Callable[[], object],
+    nfe: int,
+    bare: Callable[[], object],
+    repeats: int,
+    device: torch.device,
+) -> float:
+    """Median over ``repeats`` of (time of ``run``) / (time of ``nfe`` bare forwards timed
+    just before it): each pair sees the same machine state (clocks, caches, load)."""
+    run()  # warm-up
+    ratios = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t_bare = _timed(lambda: [bare() for _ in range(nfe)], device)
+        ratios.append(_timed(run, device) / t_bare)
+    return statistics.median(ratios)
 
 
 def measure(
@@ -84,8 +98,14 @@ def measure(
     model = pflow.EpsModel(net, schedule)
     noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((batch,), 500.0, device=device)
-    with torch.no_grad():
-        bare = _median_time(lambda: [net(noise, t) for _ in range(20)], repeats, device) / 20
+
+    def bare() -> object:
+        with torch.no_grad():
+            return net(noise, t)
+
+    for _ in range(3):  # warm up clocks and allocators
+        _timed(lambda: [bare() for _ in range(50)], device)
+    bare_s = statistics.median(_timed(bare, device) for _ in range(20))
     rows = []
     available = set(pflow.available_solvers())
     for label, kwargs in SOLVERS.items():
@@ -99,23 +119,25 @@ def measure(
         if name == "ddim" and options:
             options["seed"] = 0
         res = pflow.sample(model, noise, name, **kwargs, **options)
-        wall = _median_time(
+        ratio = _paired_ratio(
             lambda name=name, kw={**kwargs, **options}: pflow.sample(model, noise, name, **kw),
+            res.nfe,
+            bare,
             repeats,
             device,
         )
-        rows.append((f"pflow {label}", res.nfe, wall / (res.nfe * bare)))
+        rows.append((f"pflow {label}", res.nfe, ratio))
     try:
         from pflow.integrations.diffusers_peers import run_peer
     except ImportError:  # pragma: no cover
         return rows
     for peer in PEERS:
         x, nfe = run_peer(peer, net, schedule, noise, 20)
-        wall = _median_time(
-            lambda peer=peer: run_peer(peer, net, schedule, noise, 20), repeats, device
+        ratio = _paired_ratio(
+            lambda peer=peer: run_peer(peer, net, schedule, noise, 20), nfe, bare, repeats, device
         )
-        rows.append((f"diffusers {peer}", nfe, wall / (nfe * bare)))
-    return [(r[0], r[1], r[2]) for r in rows] + [("(bare forward, ms)", 0, bare * 1e3)]
+        rows.append((f"diffusers {peer}", nfe, ratio))
+    return [(r[0], r[1], r[2]) for r in rows] + [("(bare forward, ms)", 0, bare_s * 1e3)]
 
 
 def main() -> None:
@@ -144,8 +166,8 @@ def main() -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     lines = [
-        f"torch {torch.__version__}, {where}, median of {args.repeats}; "
-        "ratio = wall time / (NFE x bare forward)",
+        f"torch {torch.__version__}, {where}; ratio = wall time of the loop / time of NFE "
+        f"bare forwards timed just before it, median of {args.repeats} such pairs",
         "",
     ]
     for title, rows in tables.items():

@@ -13,6 +13,7 @@ that range ``t`` is clamped to ``[0, N-1]``. Everything is stored in float64.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import overload
 
@@ -61,6 +62,7 @@ class NoiseSchedule:
             raise ValueError("alphas_cumprod[0] must be < 1 so that sigma at t = 0 is positive")
         self._log_sigmas = self.sigmas.log()
         self._log_sigmas_np = self._log_sigmas.numpy()
+        self._log_sigmas_list: list[float] = self._log_sigmas_np.tolist()
         self._table_cache: dict[torch.device, Tensor] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -149,6 +151,8 @@ class NoiseSchedule:
         ``sigma = 0`` maps to ``t = 0``."""
         if isinstance(sigma, Tensor):
             return self._sigma_to_t_torch(sigma)
+        if isinstance(sigma, (float, int)) and not isinstance(sigma, bool):
+            return self._sigma_to_t_float(float(sigma))
         arr = np.asarray(sigma, dtype=np.float64)
         with np.errstate(divide="ignore"):
             log_sigma = np.log(arr)
@@ -156,6 +160,23 @@ class NoiseSchedule:
             log_sigma, self._log_sigmas_np, np.arange(self.num_train_timesteps, dtype=np.float64)
         )
         return float(t) if np.ndim(sigma) == 0 and not isinstance(sigma, np.ndarray) else t
+
+    def _sigma_to_t_float(self, sigma: float) -> float:
+        """``sigma_to_t`` for one Python float, without numpy (it runs once per network
+        evaluation): the same arithmetic as ``np.interp``, so the same bits."""
+        ls = self._log_sigmas_list
+        if not sigma > 0:
+            return 0.0 if sigma == 0 else math.nan
+        x = math.log(sigma)
+        if x <= ls[0]:
+            return 0.0
+        if x >= ls[-1]:
+            return float(len(ls) - 1)
+        j = bisect.bisect_right(ls, x) - 1
+        if x == ls[j]:
+            return float(j)
+        slope = 1.0 / (ls[j + 1] - ls[j])
+        return slope * (x - ls[j]) + j
 
     @overload
     def t_to_sigma(self, t: float) -> float: ...
