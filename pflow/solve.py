@@ -192,37 +192,26 @@ def sample(
         batch_size = batch
     elif isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size >= batch:
-        return _run(
-            model,
-            noise,
-            spec.name,
-            grid,
-            max_nfe=max_nfe,
-            last_step=last_step,
-            record=return_trajectory,
-            partial=return_partial,
-            check_finite=check_finite,
-            options=options,
-            process_group=process_group,
-        )
-    if process_group is not None and spec.adaptive:
-        raise ValueError(
-            "batch_size with process_group: ranks must solve their whole shard at once for "
-            "an adaptive solver to take the same steps everywhere"
-        )
-    if isinstance(options.get("seed"), int) and not isinstance(options["seed"], bool):
-        options["seed"] = noise_keys(options["seed"], batch)
+    if batch_size < batch:
+        if process_group is not None and spec.adaptive:
+            raise ValueError(
+                "batch_size with process_group: ranks must solve their whole shard at once "
+                "for an adaptive solver to take the same steps everywhere"
+            )
+        seed = options.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            options["seed"] = noise_keys(seed, batch)  # the keys follow the samples
+        elif seed is not None and len(seed) != batch:
+            raise ValueError(f"seed must be an int or {batch} per-sample keys, got {len(seed)}")
     parts = []
     for start in range(0, batch, int(batch_size)):
-        chunk = {
-            k: v[start : start + batch_size] if k == "seed" and v is not None else v
-            for k, v in options.items()
-        }
+        stop = start + int(batch_size)
+        split = batch_size < batch and options.get("seed") is not None
+        chunk = {k: v[start:stop] if k == "seed" and split else v for k, v in options.items()}
         parts.append(
             _run(
                 model,
-                noise[start : start + batch_size],
+                noise[start:stop],
                 spec.name,
                 grid,
                 max_nfe=max_nfe,
@@ -231,9 +220,10 @@ def sample(
                 partial=return_partial,
                 check_finite=check_finite,
                 options=chunk,
+                process_group=process_group,
             )
         )
-    return _merge(parts)
+    return parts[0] if len(parts) == 1 else _merge(parts)
 
 
 def _merge(parts: list[SolveResult]) -> SolveResult:
