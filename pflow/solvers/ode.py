@@ -60,8 +60,8 @@ class PFODE:
         self.nfe = 0
         self._predict = getattr(model, "predict_xt", None)
         self._direct = getattr(model, "eps_from_xt", None)
-        self._sums: list[Tensor] = []
-        self._folded: list[Tensor] = []
+        self._sums: Tensor | None = None  # float64 sums of eps, one slot per evaluation
+        self._n_sums = 0
         self._finite_sigmas: list[float | Tensor] = []
 
     def eval(self, x: Tensor, sigma: float | Tensor) -> Evaluation:
@@ -84,14 +84,18 @@ class PFODE:
                 xbar = x * math.sqrt(1.0 + sigma * sigma)
             eps = self.model(xbar, sigma)
         if self.check_finite:
-            # One reduction, no host sync: a float64 sum of eps is finite exactly when
-            # every element is (float32 values cannot overflow it). Folded every
-            # _FOLD evaluations, so the record stays a few bytes per evaluation.
-            self._sums.append(eps.sum(dtype=torch.float64))
+            # One reduction into a preallocated slot, no host sync and no allocation
+            # that outlives the step: a float64 sum of eps is finite exactly when every
+            # element is (float32 values cannot overflow it). The slots are checked
+            # every _FOLD evaluations (one host sync) and at the end of the solve.
+            if self._sums is None or self._sums.device != eps.device:
+                self.raise_if_nonfinite()
+                self._sums = torch.empty(_FOLD, dtype=torch.float64, device=eps.device)
+            torch.sum(eps.reshape(-1), 0, dtype=torch.float64, out=self._sums[self._n_sums])
+            self._n_sums += 1
             self._finite_sigmas.append(sigma)
-            if len(self._sums) >= _FOLD:
-                self._folded.append(torch.isfinite(torch.stack(self._sums)))
-                self._sums = []
+            if self._n_sums == _FOLD:
+                self.raise_if_nonfinite()
         return Evaluation(x, sigma, eps, x0)
 
     def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
@@ -111,24 +115,22 @@ class PFODE:
 
     def forget_finite(self) -> None:
         """Drop the finite-ness record (once something else has shown it was all finite)."""
-        self._sums.clear()
-        self._folded.clear()
+        self._n_sums = 0
         self._finite_sigmas.clear()
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`NonFiniteError` naming the first sigma whose ``eps`` was not finite."""
-        if not self._sums and not self._folded:
+        if self._sums is None or self._n_sums == 0:
             return
-        ok = torch.cat(
-            [*self._folded, torch.isfinite(torch.stack(self._sums))] if self._sums else self._folded
-        )
+        ok = torch.isfinite(self._sums[: self._n_sums])
         if bool(ok.all()):
             self.forget_finite()
             return
         first = int((~ok).nonzero()[0])
+        number = self.nfe - self._n_sums + first + 1
         raise NonFiniteError(
             f"the model returned NaN or inf at sigma={_fmt(self._finite_sigmas[first])} "
-            f"(network evaluation {first + 1})"
+            f"(network evaluation {number})"
         )
 
 
