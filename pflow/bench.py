@@ -159,7 +159,7 @@ def reference_endpoint(
         "rk45",
         rtol=ref_tol,
         atol=ref_tol,
-        last_step=bundle.last_step,
+        last_step=bundle.last_step,  # type: ignore[arg-type]
         process_group=world.group,
     )
     x = world.gather(res.x, n_total)

@@ -183,9 +183,9 @@ def _sample(args: argparse.Namespace) -> int:
             spacing=args.spacing,
             rtol=args.rtol,
             atol=args.atol,
-            last_step=bundle.last_step,
+            last_step=bundle.last_step,  # type: ignore[arg-type]
             **options,
-        )  # type: ignore[arg-type]
+        )
         wall = world.max(time.perf_counter() - t0)
         x = world.gather(res.x, args.n)
         nfe = int(world.max(res.nfe))

@@ -198,7 +198,7 @@ def sample(
                 "batch_size with process_group: ranks must solve their whole shard at once "
                 "for an adaptive solver to take the same steps everywhere"
             )
-        seed = options.get("seed")
+        seed: Any = options.get("seed")
         if isinstance(seed, int) and not isinstance(seed, bool):
             options["seed"] = noise_keys(seed, batch)  # the keys follow the samples
         elif seed is not None and len(seed) != batch:
