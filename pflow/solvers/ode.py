@@ -91,7 +91,8 @@ class PFODE:
             if self._sums is None or self._sums.device != eps.device:
                 self.raise_if_nonfinite()
                 self._sums = torch.empty(_FOLD, dtype=torch.float64, device=eps.device)
-            torch.sum(eps.reshape(-1), 0, dtype=torch.float64, out=self._sums[self._n_sums])
+            flat = eps.detach().reshape(-1)  # detached: likelihood solves run under autograd
+            torch.sum(flat, 0, dtype=torch.float64, out=self._sums[self._n_sums])
             self._n_sums += 1
             self._finite_sigmas.append(sigma)
             if self._n_sums == _FOLD:
