@@ -164,7 +164,9 @@ def test_sample_batch_size_and_network_precision(tmp_path):
     for name, extra in runs.items():
         assert main([*base, *extra, "--out", str(tmp_path / f"{name}.pt")]) == 0
         x[name] = torch.load(tmp_path / f"{name}.pt")
-    torch.testing.assert_close(x["split"], x["one"], rtol=0, atol=1e-6)
+    # float32 GEMMs may sum in another order for another batch size (and thread count):
+    # ~100 ulps after 8 steps; a wrong split or key would move samples by O(1).
+    torch.testing.assert_close(x["split"], x["one"], rtol=1e-5, atol=1e-5)
     assert x["bf16"].dtype == torch.float32
     rel = float((x["bf16"] - x["one"]).norm() / x["one"].norm())
     eps = torch.finfo(torch.bfloat16).eps

@@ -57,14 +57,15 @@ def test_a_plain_process_is_a_world_of_one():
 def test_torchrun_sample_equals_one_process(tmp_path, solver):
     """Adaptive steps are shared across ranks (same NFE, same steps); stochastic noise is
     keyed per sample. The network's float32 GEMMs may round differently for a batch of
-    19 than for 37, so equality is to round-off (bit-equal on the machine we measured)."""
+    19 than for 37 (or another thread count), so equality is to ~100 float32 ulps
+    (bit-equal on the machine we measured); a wrong shard or key moves samples by O(1)."""
     args = ["sample", "--model", "moons", "--solver", solver, "--samples", "37"]
     args += ["--rtol", "1e-3", "--atol", "1e-3"] if solver == "rk45" else ["--steps", "6"]
     assert main([*args, "--out", str(tmp_path / "one.pt")]) == 0
     _torchrun([*args, "--out", str(tmp_path / "two.pt")], tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == two.shape == (37, 2)
-    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
 
 
 @distributed
@@ -84,7 +85,7 @@ def test_torchrun_bench_equals_one_process(tmp_path):
         assert a["extra"] == b["extra"]
         for field in ("rmse", "metric"):
             if a[field] == a[field]:  # NaN rmse for the stochastic rows
-                assert b[field] == pytest.approx(a[field], rel=1e-6), (field, a, b)
+                assert b[field] == pytest.approx(a[field], rel=1e-5), (field, a, b)
 
 
 @pytest.mark.parametrize("solver,kw", [("dpmpp_2m", {}), ("ddim", {"eta": 1.0, "seed": 5})])
