@@ -358,16 +358,13 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
         else:
             kwargs: dict[str, Any] = {"last_step": bundle.last_step}
             if tol is None:
-                kwargs.update(steps=steps, spacing=spacing, batch_size=config.batch_size)
-            elif world.size > 1:
-                # All ranks share the adaptive steps: each solves its whole shard at once.
-                kwargs.update(rtol=tol, atol=tol, process_group=world.group)
+                kwargs.update(steps=steps, spacing=spacing)
             else:
-                kwargs.update(rtol=tol, atol=tol, batch_size=config.batch_size)
+                kwargs.update(rtol=tol, atol=tol)
             name, options = parse_solver(solver)
             kwargs.update(options)
-            if get_solver(name).stochastic:
-                kwargs["seed"] = noise_keys(config.seed, indices)
+            keys = noise_keys(config.seed, indices)
+            kwargs.update(shard_options(name, world, keys, config.batch_size))
             res = sample(model, noise, name, **kwargs)
             x, nfe, n_rej = res.x, res.nfe, res.n_rejected
         wall = world.max(time.perf_counter() - t0)
@@ -406,6 +403,22 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
         if config.plots:
             _plots(out, bundle, rows, grid_samples, config)
     return rows
+
+
+def shard_options(
+    solver: str, world: World, keys: torch.Tensor, batch_size: int | None
+) -> dict[str, Any]:
+    """The ``sample()`` options with which a rank solves its shard: stochastic solvers
+    draw from the samples' ``keys``; adaptive ones on several ranks share their steps
+    through the process group and so solve the shard at once; others split it by
+    ``batch_size``."""
+    spec = get_solver(solver)
+    options: dict[str, Any] = {"seed": keys} if spec.stochastic else {}
+    if spec.adaptive and world.size > 1:
+        options["process_group"] = world.group
+    else:
+        options["batch_size"] = batch_size
+    return options
 
 
 NET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

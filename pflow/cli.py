@@ -142,7 +142,7 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .bench import parse_solver, prepare_model
+    from .bench import parse_solver, prepare_model, shard_options
     from .distributed import init
     from .noise import keyed_randn, noise_keys
     from .solve import sample
@@ -167,13 +167,7 @@ def _sample(args: argparse.Namespace) -> int:
         keys = noise_keys(args.seed, indices)
         noise = keyed_randn(keys, bundle.shape, device=world.device)
         model = prepare_model(bundle.model, world.device, args.net_dtype, args.compile)
-        if spec.stochastic and "generator" not in options:
-            options["seed"] = keys
-        if spec.adaptive and world.size > 1:
-            # Every rank takes the steps one process with all samples would take.
-            options["process_group"] = world.group
-        else:
-            options["batch_size"] = args.batch_size
+        options.update(shard_options(name, world, keys, args.batch_size))
         t0 = time.perf_counter()
         res = sample(
             model,
