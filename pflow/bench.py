@@ -35,6 +35,7 @@ from .model import EpsModel
 from .noise import keyed_randn, noise_keys
 from .solve import sample
 from .solvers import get_solver
+from .solvers import parse_solver as _parse_solver
 from .zoo.registry import BundledModel, load_model
 
 __all__ = ["BenchConfig", "Row", "run_bench", "format_table"]
@@ -177,25 +178,10 @@ def reference_endpoint(
 
 
 def parse_solver(label: str) -> tuple[str, dict[str, Any]]:
-    """``"ddim[eta=1]"`` -> ``("ddim", {"eta": 1.0})``: a solver name with options (numbers
-    are parsed, anything else stays a string; options separated by ``;``)."""
-    name, sep, rest = label.partition("[")
-    options: dict[str, Any] = {}
-    if sep:
-        if not rest.endswith("]"):
-            raise ValueError(f"solver {label!r}: options go in brackets, e.g. ddim[eta=1]")
-        for item in filter(None, rest[:-1].split(";")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ValueError(f"solver {label!r}: option {item!r} is not key=value")
-            try:
-                options[key.strip()] = (
-                    int(value) if value.strip().lstrip("-").isdigit() else float(value)
-                )
-            except ValueError:
-                options[key.strip()] = value.strip()
-    get_solver(name)
-    return name, options
+    """``"ddim[eta=1]"`` -> ``("ddim", {"eta": 1.0})``: the solver's name and its options,
+    typed and checked against the solver's declared options (before any network call)."""
+    solver, options = _parse_solver(label)
+    return solver.name, options
 
 
 def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float | None, bool]]:
@@ -222,8 +208,8 @@ def _auto_peers(bundle: BundledModel) -> list[str]:
 
 
 def _is_stochastic(label: str) -> bool:
-    name, options = parse_solver(label)
-    return get_solver(name).stochastic and not (name == "ddim" and options.get("eta", 0) == 0)
+    solver, options = _parse_solver(label)
+    return solver.draws_noise({**solver.defaults(), **options})
 
 
 def _validate(config: BenchConfig) -> None:

@@ -31,7 +31,6 @@ from .cli_args import float_list
 from .grids import SPACINGS
 from .inversion import DDIM_INVERSE, decode, encode
 from .solvers import available_solvers, get_solver
-from .solvers.reversible import REVERSIBLE_SOLVERS
 from .zoo.registry import BundledModel, load_model
 
 __all__ = ["add_parsers"]
@@ -50,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_encode_cmd)
     e.add_argument("input", help="data: .png (image models), .npy or .pt")
     e.add_argument("--out", required=True, help="latent file: .pt or .npy")
-    _add_solve_options(e, [*available_solvers(), DDIM_INVERSE])
+    _add_solve_options(e, available_solvers())
 
     d = sub.add_parser(
         "decode",
@@ -61,7 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_decode_cmd)
     d.add_argument("latent", help="latent: .pt (from pflow encode) or .npy")
     d.add_argument("--out", required=True, help="data file: .png, .npy or .pt")
-    _add_solve_options(d, available_solvers())
+    _add_solve_options(d, [n for n in available_solvers() if "down" in get_solver(n).directions])
 
     r = sub.add_parser(
         "roundtrip",
@@ -74,7 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--model", default="digits", help="bundled model (default %(default)s)")
     r.add_argument(
         "--solvers",
-        type=_names([*available_solvers(), DDIM_INVERSE], "solver"),
+        type=_names(available_solvers(), "solver"),
         default=["euler", "heun", "dpm_solver_2", "alf", DDIM_INVERSE],
         help="comma-separated solver names (ddim_inverse: diffusers' DDIM inversion)",
     )
@@ -283,7 +282,7 @@ def _decode_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"latent must be a .pt or .npy file, got {src.name!r}")
     z = _batch(z, bundle.shape, "latent", bundle).to(dtype)
     settings = _settings(args, stored)
-    if settings["solver"] not in REVERSIBLE_SOLVERS:
+    if not get_solver(settings["solver"]).reversible:
         companion = None
     elif companion is not None and companion.ndim == z.ndim:  # one sample, stored unbatched
         companion = companion.unsqueeze(1)

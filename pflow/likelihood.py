@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -35,10 +35,12 @@ from .errors import NonFiniteError
 from .grids import validate_sigmas
 from .model import EpsModel, ODEModel
 from .schedule import NoiseSchedule
-from .solvers import PFODE
-from .solvers.controller import PIController, error_ratio
+from .solve import SolveResult, run
+from .solvers import PFODE, State
+from .solvers.base import Option
+from .solvers.controller import error_ratio
 from .solvers.ode import Evaluation, scale
-from .solvers.runge_kutta import _initial_step, rk_step
+from .solvers.runge_kutta import EmbeddedRungeKutta, rk_step
 from .solvers.tableau import BOSH3, DOPRI5, ButcherTableau
 
 __all__ = ["LikelihoodResult", "bits_per_dim", "log_likelihood"]
@@ -155,13 +157,16 @@ class _AugmentedODE(PFODE):
     ``eps`` (used only to choose the first step) is a plain forward without them.
     """
 
-    def __init__(self, model: ODEModel, probes: Tensor | None, **kwargs) -> None:
+    def __init__(self, model: ODEModel, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self.probes = probes  # (P, batch, ...) Hutchinson probes; None: the exact trace
+        self.probes: Tensor | None = None  # (P, batch, ...) probes; None: the exact trace
         self.n_vjp = 0
 
     def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         return PFODE.eval(self, x, sigma).eps
+
+    def extras(self) -> dict[str, Any]:
+        return {"n_vjp": self.n_vjp}
 
     def eval(self, x: Tensor, sigma: float | Tensor) -> _Stage:
         with torch.enable_grad():
@@ -253,6 +258,8 @@ def log_likelihood(
     bin_width: float | None = None,
     max_nfe: int = 100_000,
     first_step: float | None = None,
+    batch_size: int | None = None,
+    process_group: Any = None,
 ) -> LikelihoodResult:
     """``log p(x)`` per sample by integrating the PF-ODE and its divergence upward.
 
@@ -290,6 +297,10 @@ def log_likelihood(
             ``[-1, 1]``, ``1/8`` for the digits); ``None`` for continuous data.
         max_nfe: budget of forward evaluations.
         first_step: first step size (chosen by Hairer's rule by default, one extra forward).
+        batch_size: integrate at most this many samples at a time (each chunk chooses its
+            own steps; ``nfe`` and ``n_vjp`` are those of the costliest chunk).
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard: the
+            adaptive steps are shared by every rank, as in :func:`pflow.sample`.
 
     Returns:
         A :class:`LikelihoodResult`. Cost convention: ``nfe`` counts forward passes of the
@@ -326,11 +337,26 @@ def log_likelihood(
     exact = divergence == "exact"
     n_est = 1 if exact else int(probes)
     v = None if exact else _probes(x, n_est, noise, generator)
-    ode = _AugmentedODE(model, v, max_nfe=max_nfe)
+    res = run(
+        model,
+        x * scale(lo),
+        _AUGMENTED[solver],
+        direction="up",
+        name="x",
+        caller="log_likelihood",
+        sigmas=torch.tensor([lo, hi], dtype=torch.float64),
+        rtol=rtol,
+        atol=atol,
+        max_nfe=max_nfe,
+        batch_size=batch_size,
+        process_group=process_group,
+        solver_options={"first_step": first_step, "probes": v, "n_est": n_est},
+        result=_AugmentedResult,
+        ode_factory=_AugmentedODE,
+    )
+    assert isinstance(res, _AugmentedResult) and res.delta is not None
+    x_T, delta = res.x, res.delta
     with torch.no_grad():
-        x_T, delta, n_acc, n_rej = _integrate(
-            ode, _TABLEAUX[solver], x * scale(lo), lo, hi, n_est, rtol, atol, first_step
-        )
         xbar_T = x_T.to(torch.float64) * math.sqrt(1.0 + hi * hi)
         prior_log_p = torch.as_tensor(prior(xbar_T), dtype=torch.float64).reshape(-1)
     if prior_log_p.shape[0] != x.shape[0]:
@@ -345,8 +371,8 @@ def log_likelihood(
         log_p=log_p,
         bpd=bits_per_dim(log_p, x[0].numel(), bin_width),
         latent=x_T,
-        nfe=ode.nfe,
-        n_vjp=ode.n_vjp,
+        nfe=res.nfe,
+        n_vjp=res.n_vjp,
         log_p_stderr=stderr,
         log_p_probes=per_probe,
         prior_log_p=prior_log_p,
@@ -354,76 +380,72 @@ def log_likelihood(
         x=x,
         sigma_min=lo,
         sigma_max=hi,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
+        n_accepted=res.n_accepted,
+        n_rejected=res.n_rejected,
     )
 
 
-def _integrate(
-    ode: _AugmentedODE,
-    tab: ButcherTableau,
-    x: Tensor,
-    sigma_from: float,
-    sigma_to: float,
-    n_est: int,
-    rtol: float,
-    atol: float,
-    first_step: float | None,
-) -> tuple[Tensor, Tensor, int, int]:
-    """Integrate the state ``x`` (network scale) and ``delta = int div dsigma`` upward.
+@dataclass
+class _AugmentedResult(SolveResult):
+    """A solve of the augmented ODE: also ``delta = int div dsigma`` (``(P, batch)``) and
+    the vector-Jacobian products it took."""
+
+    delta: Tensor | None = None
+    n_vjp: int = 0
+
+
+class _AugmentedRungeKutta(EmbeddedRungeKutta):
+    """An embedded pair on the state and ``delta = int div dsigma`` together.
 
     The state goes through :func:`pflow.solvers.runge_kutta.rk_step`; the divergence,
     which the right-hand side does not depend on, is a quadrature with the same weights:
-    ``delta_next = delta + h sum_i b_i div_i``, error ``h sum_i (b_i - b_hat_i) div_i``.
-    Returns ``(x_T, delta (P, batch) float64, n_accepted, n_rejected)``.
+    ``delta_next = delta + h sum_i b_i div_i``, error ``h sum_i (b_i - b_hat_i) div_i``,
+    measured against ``atol + rtol * |delta|``. A step passes when the state and ``delta``
+    both do, per sample. The driver's controller and loop do the rest.
     """
-    controller = PIController(order=1 + min(tab.order, tab.error_order or 1))
-    delta = torch.zeros(n_est, x.shape[0], dtype=torch.float64, device=x.device)
-    sigma, h_abs = sigma_from, first_step
-    k: _Stage | None = None
-    n_acc = n_rej = 0
-    while sigma != sigma_to:
-        if k is None:
-            k = ode.eval(x, sigma)
-        remaining = sigma_to - sigma
-        if h_abs is None:
-            h_abs = _initial_step(ode, tab, x, sigma, k.eps, 1.0, remaining, rtol, atol)
-        clipped = h_abs >= remaining * (1 - 1e-12)
-        h = remaining if clipped else h_abs
-        x_next, err, evals = rk_step(ode, tab, x, sigma, h, first=k)
-        assert err is not None and tab.b_hat is not None
+
+    options = EmbeddedRungeKutta.options + (
+        Option("probes", object, None, "Hutchinson probes", allow_none=True, batch_dim=1),
+        Option("n_est", int, 1, "estimates per sample", low=1),
+    )
+
+    def init(self, ode: PFODE, x: Tensor, sigma: Any, options: dict[str, Any]) -> State:
+        assert isinstance(ode, _AugmentedODE)
+        ode.probes = options["probes"]
+        delta = torch.zeros(options["n_est"], x.shape[0], dtype=torch.float64, device=x.device)
+        return State(x, sigma, aux=delta)
+
+    def attempt(
+        self, ode: PFODE, state: State, sigma_next: Any, options: dict[str, Any]
+    ) -> tuple[State, Tensor]:
+        tab, x, delta = self.tableau, state.x, state.aux
+        rtol, atol = options["rtol"], options["atol"]
+        x_next, err, evals = rk_step(ode, tab, x, state.sigma, sigma_next, state.ev)
+        assert err is not None
+        h = sigma_next - state.sigma
         divs = torch.stack([ev.div for ev in evals])  # type: ignore[attr-defined]
         b = torch.tensor(tab.b, dtype=torch.float64, device=x.device)
         e = torch.tensor(tab.e, dtype=torch.float64, device=x.device)
         delta_next = delta + h * torch.einsum("s,spb->pb", b, divs)
         delta_err = h * torch.einsum("s,spb->pb", e, divs)
         tol = atol + rtol * torch.maximum(delta.abs(), delta_next.abs())
-        ratio = max(
-            float(error_ratio(err, x, x_next, rtol, atol).max()),
-            float((delta_err.abs() / tol).max()),
+        ratio = torch.maximum(
+            error_ratio(err, x, x_next, rtol, atol), (delta_err.abs() / tol).amax(0)
         )
-        if not math.isfinite(ratio):
+        if not bool(torch.isfinite(delta_err).all()):
             ode.raise_if_nonfinite()
             raise NonFiniteError(
-                f"the divergence of the model's eps is NaN or inf between sigma={sigma:.6g} "
-                f"and {sigma + h:.6g}"
+                f"the divergence of the model's eps is NaN or inf between sigma="
+                f"{state.sigma:.6g} and {sigma_next:.6g}"
             )
-        ode.forget_finite()
-        accepted = ratio <= 1.0
-        h_new = abs(controller.propose(h, ratio, accepted))
-        if accepted:
-            n_acc += 1
-            x, delta = x_next, delta_next
-            sigma = sigma_to if clipped else sigma + h
-            k = evals[-1] if tab.fsal else None  # type: ignore[assignment]
-            h_abs = max(h_new, h_abs) if clipped else h_new
-        else:
-            n_rej += 1
-            h_abs = h_new
-        if h_abs < 1e-14 * max(1.0, abs(sigma)):
-            raise FloatingPointError(
-                f"step size underflow at sigma={sigma:.6g} (rtol={rtol}, atol={atol} may be "
-                "below the dtype's round-off)"
-            )
-    ode.raise_if_nonfinite()
-    return x, delta, n_acc, n_rej
+        ev = evals[-1] if tab.fsal else None
+        return State(x_next, sigma_next, ev=ev, aux=delta_next), ratio
+
+    def extras(self, state: State) -> dict[str, Any]:
+        return {"delta": state.aux}
+
+
+_AUGMENTED = {
+    name: _AugmentedRungeKutta(name, tab, f"{name} on the PF-ODE and its divergence")
+    for name, tab in _TABLEAUX.items()
+}

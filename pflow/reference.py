@@ -3,7 +3,7 @@ tolerance, the yardstick a solver's error is measured against (DESIGN.md, sectio
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ def reference(
     last_step: Literal["euler", "solver"] = "euler",
     solver: str = REFERENCE_SOLVER,
     max_nfe: int | None = None,
+    return_partial: bool = False,
+    batch_size: int | None = None,
+    process_group: Any = None,
 ) -> SolveResult:
     """Integrate the PF-ODE from ``noise`` in float64 at tight tolerance.
 
@@ -62,6 +65,7 @@ def reference(
         last_step: ``"euler"`` or ``"solver"``, see :func:`pflow.sample`.
         solver: an adaptive solver name.
         max_nfe: budget of network evaluations (default 100000).
+        return_partial, batch_size, process_group: as for :func:`pflow.sample`.
 
     Returns:
         A float64 :class:`~pflow.SolveResult`.
@@ -77,4 +81,7 @@ def reference(
         atol=atol,
         max_nfe=max_nfe,
         last_step=last_step,
+        return_partial=return_partial,
+        batch_size=batch_size,
+        process_group=process_group,
     )

@@ -11,8 +11,9 @@ import torch
 
 import pflow
 from pflow.errors import MaxNFEExceeded, NonFiniteError
-from pflow.solvers import PFODE
-from pflow.solvers.exponential import dpm_solver, dpm_solver_pp, phi, unipc
+from pflow.solvers import PFODE, get_solver, resolve_options
+from pflow.solvers.driver import integrate
+from pflow.solvers.exponential import phi
 from pflow.zoo import GaussianMixture
 
 from .conftest import make_gmm
@@ -117,16 +118,12 @@ def test_phi_series_and_recurrence_agree():
 # --- first order is DDIM --------------------------------------------------------------------
 
 
-def _run(runner, gmm, noise, grid, **options):
+def _run(name, gmm, noise, grid, **options):
+    """The solver through the driver directly (any grid, sigma = 0 at the start too)."""
     ode = PFODE(gmm)
-    out = runner(
-        ode,
-        noise,
-        [float(s) for s in grid],
-        last_step="euler",
-        record=False,
-        partial=False,
-        **options,
+    solver = get_solver(name)
+    out = integrate(
+        ode, solver, noise, [float(s) for s in grid], resolve_options(solver, {}, options)
     )
     return out.x, ode.nfe
 
@@ -134,9 +131,9 @@ def _run(runner, gmm, noise, grid, **options):
 @pytest.mark.parametrize(
     "runner,options",
     [
-        (dpm_solver, {"order": 1}),
-        (dpm_solver_pp, {"order": 1}),
-        (unipc, {"order": 1, "corrector": False}),
+        ("dpm_solver_3", {"order": 1}),
+        ("dpmpp_3m", {"order": 1}),
+        ("unipc", {"order": 1, "corrector": False}),
     ],
 )
 def test_first_order_is_ddim(problem, runner, options):
@@ -193,9 +190,10 @@ def test_step_into_zero_is_x0_hat_of_the_last_evaluation(problem, solver, option
     _, x0_hat = gmm.predict_xt(before.x, 0.5)
     assert res.nfe == before.nfe + 1
     assert (res.x - x0_hat).abs().max() <= 1e-12
-    # lambda = -log(0) is infinite: the methods have no other step into 0 to take
-    same = pflow.sample(gmm, noise, solver, sigmas=to_zero, last_step="solver", **options)
-    assert torch.equal(same.x, res.x) and same.nfe == res.nfe
+    # lambda = -log(0) is infinite: the methods have no other step into 0 to take, and
+    # asking for one is an error that says so (it used to be silently ignored)
+    with pytest.raises(ValueError, match=f"solver '{solver}' supports last_step='euler' only"):
+        pflow.sample(gmm, noise, solver, sigmas=to_zero, last_step="solver", **options)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -324,12 +322,12 @@ def test_encode_decode_round_trip():
         gmm, x0, "rk45", sigmas=torch.tensor([0.1, 0.0]), rtol=1e-10, atol=1e-10, last_step="solver"
     ).x  # any state at sigma = 0.1
     for runner, options in [
-        (dpm_solver_pp, {"order": 2}),
-        (dpm_solver_pp, {"order": 3}),
-        (dpm_solver, {"order": 2}),
-        (dpm_solver, {"order": 3}),
-        (unipc, {"order": 2}),
-        (unipc, {"order": 3}),
+        ("dpmpp_3m", {"order": 2}),
+        ("dpmpp_3m", {"order": 3}),
+        ("dpm_solver_3", {"order": 2}),
+        ("dpm_solver_3", {"order": 3}),
+        ("unipc", {"order": 2}),
+        ("unipc", {"order": 3}),
     ]:
         errors = []
         for n in (25, 50):
@@ -340,7 +338,7 @@ def test_encode_decode_round_trip():
         assert errors[1] <= 1e-3 and errors[0] >= 3 * errors[1], (runner, options, errors)
 
 
-@pytest.mark.parametrize("runner", [dpm_solver_pp, dpm_solver, unipc])
+@pytest.mark.parametrize("runner", ["dpmpp_3m", "dpm_solver_3", "unipc"])
 def test_step_out_of_zero_is_ddim(runner):
     gmm = make_gmm(dim=4, k=3, seed=3)
     x0 = gmm.sample(8, generator=torch.Generator().manual_seed(5))

@@ -11,8 +11,9 @@ import torch
 
 import pflow
 from pflow.errors import MaxNFEExceeded
-from pflow.solvers import PFODE
-from pflow.solvers.multistep import IPNDM_FIXED, ab_weights, ab_weights_quadrature, ipndm, lms
+from pflow.solvers import PFODE, get_solver, resolve_options
+from pflow.solvers.driver import integrate
+from pflow.solvers.multistep import IPNDM_FIXED, ab_weights, ab_weights_quadrature
 
 from .conftest import make_gmm
 from .reference import SIGMA_HI, SIGMA_LO, order_problem, rms
@@ -173,9 +174,10 @@ def test_trajectory_and_partial(problem, solver):
 def test_runner_direct_and_bad_order(problem):
     gmm, noise, _ = problem
     grid = _geometric(5).tolist()
-    for runner in (ipndm, lms):
+    for name in ("ipndm", "lms"):
         ode = PFODE(gmm)
-        out = runner(ode, noise, grid, last_step="euler", record=False, partial=False)
+        solver = get_solver(name)
+        out = integrate(ode, solver, noise, grid, resolve_options(solver, {}, {}))
         assert out.finished and out.sigmas == grid and ode.nfe == 5
     with pytest.raises(ValueError, match="order"):
         pflow.sample(gmm, noise, "ipndm", steps=3, order=5)

@@ -111,8 +111,8 @@ def test_batch_of_one_is_the_shared_solver(solver):
 def test_non_fsal_pair_batch_of_one_is_the_shared_solver():
     """An embedded pair without FSAL (Heun-Euler 2(1)) evaluates at each accepted point."""
     from pflow.solvers import PFODE, ButcherTableau
-    from pflow.solvers.per_sample import solve_per_sample
-    from pflow.solvers.runge_kutta import solve_adaptive
+    from pflow.solvers.driver import integrate
+    from pflow.solvers.runge_kutta import EmbeddedRungeKutta
 
     heun_euler = ButcherTableau(
         "heun_euler",
@@ -126,18 +126,26 @@ def test_non_fsal_pair_batch_of_one_is_the_shared_solver():
     gmm = make_gmm(dim=4, k=3, seed=3)
     noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grid = GRID.tolist()
+    solver = EmbeddedRungeKutta("heun_euler", heun_euler, "Heun-Euler 2(1)")
+    shared = {**solver.defaults(), "rtol": 1e-3, "atol": 1e-3}
+    own = {**shared, "per_sample": True}
+
+    def solve_adaptive(ode, x, grid):
+        return integrate(ode, solver, x, grid, shared)
+
+    def solve_per_sample(ode, x, grid):
+        return integrate(ode, solver, x, grid, own)
+
     outs = []
     for i in range(2):
         a_ode, b_ode = PFODE(gmm), PFODE(gmm)
-        a = solve_adaptive(a_ode, noise[i : i + 1], grid, tableau=heun_euler, rtol=1e-3, atol=1e-3)
-        b = solve_per_sample(
-            b_ode, noise[i : i + 1], grid, tableau=heun_euler, rtol=1e-3, atol=1e-3
-        )
+        a = solve_adaptive(a_ode, noise[i : i + 1], grid)
+        b = solve_per_sample(b_ode, noise[i : i + 1], grid)
         assert (a_ode.nfe, a.n_accepted, a.n_rejected) == (b_ode.nfe, b.n_accepted, b.n_rejected)
         assert (a.x - b.x).abs().max() < 1e-7
         outs.append(b.x)
     ode = PFODE(gmm)
-    both = solve_per_sample(ode, noise, grid, tableau=heun_euler, rtol=1e-3, atol=1e-3)
+    both = solve_per_sample(ode, noise, grid)
     assert (both.x - torch.cat(outs)).abs().max() < 1e-12
 
 

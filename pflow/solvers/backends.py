@@ -53,10 +53,12 @@ import torch
 from torch import Tensor
 
 from ..errors import MaxNFEExceeded
-from . import SolverSpec, register_backend
-from .ode import PFODE, Outcome, scale
+from . import register_backend
+from .base import Option, Outcome, Solver
+from .ode import PFODE, scale
 
 __all__ = [
+    "Backend",
     "SCIPY_METHODS",
     "scipy_methods",
     "scipy_solver",
@@ -199,6 +201,41 @@ def _partial(
     )
 
 
+class Backend(Solver):
+    """Another library's integrator on pflow's ODE: it runs its own loop (``external``),
+    so the driver hands it the whole grid; validation, chunks, the NaN watch's final
+    check and the result are still the driver's and the plan's."""
+
+    external = True
+    last_steps = ("euler", "solver")
+
+    def __init__(self, name: str, adaptive: bool, order: int, run: Any, summary: str) -> None:
+        self.name, self.adaptive, self.order, self.summary = name, adaptive, order, summary
+        self._run = run
+        opts = [
+            Option("options", object, None, "a dict of the library's own options", allow_none=True)
+        ]
+        if adaptive:
+            tol = dict(kind=float, default=1e-5, low=0.0, low_open=True)
+            opts = [Option("rtol", **tol), Option("atol", **tol), *opts]  # type: ignore[arg-type]
+        self.options = tuple(opts)
+
+    def solve(
+        self,
+        ode: PFODE,
+        x: Tensor,
+        grid: list[float],
+        options: dict[str, Any],
+        *,
+        last_step: str,
+        record: bool,
+        partial: bool,
+    ) -> Outcome:
+        return self._run(  # type: ignore[no-any-return]
+            ode, x, grid, last_step=last_step, record=record, partial=partial, **options
+        )
+
+
 # ----------------------------------------------------------------------------- torchdiffeq
 def _torchdiffeq_classes() -> dict[str, type]:
     from torchdiffeq._impl.odeint import SOLVERS  # the table odeint dispatches on
@@ -324,8 +361,8 @@ def _torchdiffeq_options(method: str) -> list[str]:
 
 
 @cache
-def torchdiffeq_solver(method: str) -> SolverSpec:
-    """The :class:`SolverSpec` of ``"torchdiffeq:<method>"``."""
+def torchdiffeq_solver(method: str) -> Backend:
+    """The solver ``"torchdiffeq:<method>"``."""
     try:
         classes = _torchdiffeq_classes()
     except ImportError as exc:
@@ -335,12 +372,11 @@ def torchdiffeq_solver(method: str) -> SolverSpec:
     cls = classes[method]
     adaptive = not _is_fixed_grid(cls)
     kind = "adaptive" if adaptive else "fixed-grid"
-    return SolverSpec(
+    return Backend(
         f"torchdiffeq:{method}",
         adaptive,
         int(getattr(cls, "order", 0)),
         partial(_run_torchdiffeq, method=method),
-        options=("rtol", "atol", "options") if adaptive else ("options",),
         summary=f"torchdiffeq.odeint method={method!r} ({kind}) on xbar in float64",
     )
 
@@ -437,16 +473,15 @@ def _run_scipy(
 
 
 @cache
-def scipy_solver(method: str) -> SolverSpec:
-    """The :class:`SolverSpec` of ``"scipy:<method>"``."""
+def scipy_solver(method: str) -> Backend:
+    """The solver ``"scipy:<method>"``."""
     if method not in SCIPY_METHODS:
         raise _unknown_method("scipy", method, scipy_methods())
-    return SolverSpec(
+    return Backend(
         f"scipy:{method}",
         True,
         SCIPY_METHODS[method],
         partial(_run_scipy, method=method),
-        options=("rtol", "atol", "options"),
         summary=f"scipy.integrate.{method} on the flattened batch's xbar in float64",
     )
 

@@ -5,19 +5,26 @@ scale the solver's state lives in), per sample, as an RMS over the sample's elem
 
     ratio_b = sqrt(mean_i (err_bi / (atol + rtol * max(|x_bi|, |x_next_bi|)))^2).
 
-The batch shares one step, so a step is accepted when every sample passes
-(``max_b ratio_b <= 1``). A PI controller (Gustafsson; Hairer & Wanner, Solving ODEs II,
-IV.2) proposes the next step from this ratio and the previous accepted one.
+:func:`pi_control` is the one controller: a pure function of the error ratios, the
+previous accepted ratio and the step, vectorised over whatever shares a decision. The
+driver calls it with one ratio for a batch that shares its steps (the largest over the
+batch and over every rank), with one per sample for per-sample steps, and the likelihood's
+augmented ODE calls it through the same driver.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["PIController", "error_ratio", "rms_per_sample"]
+from .base import column, scale
+from .ode import PFODE
+
+__all__ = ["PIGains", "pi_control", "error_ratio", "rms_per_sample", "initial_step"]
 
 
 def rms_per_sample(v: Tensor) -> Tensor:
@@ -31,15 +38,15 @@ def error_ratio(err: Tensor, x: Tensor, x_next: Tensor, rtol: float, atol: float
     return rms_per_sample(err / tol)
 
 
-@dataclass
-class PIController:
-    """Proposes ``h_next = h * safety * ratio^(-beta1) * prev_ratio^(beta2)``.
+@dataclass(frozen=True)
+class PIGains:
+    """The gains of a PI controller (Gustafsson; Hairer & Wanner, Solving ODEs II, IV.2).
 
     Args:
-        order: ``1 + min(order, error_order)`` of the pair: the power of ``h`` in its
-            local error estimate.
-        safety, beta1, beta2: PI gains, ``beta1 = 0.7 / order``, ``beta2 = 0.4 / order`` by
-            default (Hairer & Wanner's choice).
+        order: ``1 + min(order, error_order)`` of the pair: the power of ``h`` in its local
+            error estimate.
+        safety, beta1, beta2: ``h_next = h * safety * ratio^(-beta1) * prev^(beta2)``;
+            ``beta1 = 0.7 / order``, ``beta2 = 0.4 / order`` by default.
         factor_min, factor_max: bounds on the change of step per proposal.
     """
 
@@ -50,23 +57,77 @@ class PIController:
     factor_min: float = 0.2
     factor_max: float = 10.0
 
-    def __post_init__(self) -> None:
-        if self.beta1 is None:
-            self.beta1 = 0.7 / self.order
-        if self.beta2 is None:
-            self.beta2 = 0.4 / self.order
-        self._prev_ratio = 1.0
+    @property
+    def b1(self) -> float:
+        return 0.7 / self.order if self.beta1 is None else self.beta1
 
-    def propose(self, h: float, ratio: float, accepted: bool) -> float:
-        """The next step (same sign as ``h``) after a step of size ``h`` with error ``ratio``."""
-        assert self.beta1 is not None and self.beta2 is not None
-        if not ratio < float("inf"):  # NaN or inf: cut hard
-            return h * self.factor_min
-        ratio = max(ratio, 1e-10)
-        if accepted:
-            factor = self.safety * ratio ** (-self.beta1) * self._prev_ratio**self.beta2
-            self._prev_ratio = max(ratio, 1e-4)
-            factor = min(self.factor_max, max(self.factor_min, factor))
-        else:
-            factor = max(self.factor_min, min(1.0, self.safety * ratio ** (-1.0 / self.order)))
-        return h * factor
+    @property
+    def b2(self) -> float:
+        return 0.4 / self.order if self.beta2 is None else self.beta2
+
+
+def pi_control(
+    gains: PIGains, ratio: Tensor, prev_ratio: Tensor, h: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decision: ``(accepted, h_next, prev_next)`` from the error ``ratio`` of a step of
+    size ``|h|``, elementwise (float64 tensors of one shape).
+
+    Accepted where ``ratio <= 1``: the step grows by the PI factor (bounded by
+    ``factor_min``/``factor_max``) and the ratio is remembered. Rejected: it shrinks by
+    ``safety * ratio^(-1/order)`` (at most 1, at least ``factor_min``) and the memory is
+    kept. A NaN or infinite ratio is a rejection with the hardest cut."""
+    finite = torch.isfinite(ratio)
+    accepted = (ratio <= 1.0) & finite
+    r = torch.where(finite, ratio, torch.ones_like(ratio)).clamp(min=1e-10)
+    grow = (gains.safety * r ** (-gains.b1) * prev_ratio**gains.b2).clamp(
+        gains.factor_min, gains.factor_max
+    )
+    shrink = (gains.safety * r ** (-1.0 / gains.order)).clamp(gains.factor_min, 1.0)
+    factor = torch.where(accepted, grow, shrink)
+    factor = torch.where(finite, factor, torch.full_like(factor, gains.factor_min))
+    prev_next = torch.where(accepted, r.clamp(min=1e-4), prev_ratio)
+    return accepted, h.abs() * factor, prev_next
+
+
+def initial_step(
+    ode: PFODE,
+    order: int,
+    x: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    direction: float,
+    span: Tensor,
+    rtol: float,
+    atol: float,
+    reduce: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), measured in the
+    network's scale; one evaluation. ``sigma`` and ``span`` are float64 tensors, 0-d for a
+    shared step or ``(batch,)`` per sample; ``reduce`` turns per-sample norms into what
+    shares the decision (the batch maximum, over ranks too, for a shared step)."""
+    sc = atol + rtol * x.abs()
+    c0 = scale(sigma)
+    # d x / d sigma in the network's scale: -sigma / (1 + sigma^2) * x + C(sigma) * eps.
+    f0 = x * column(-sigma * c0 * c0, x) + eps * column(c0, x)  # type: ignore[operator]
+    d0 = reduce(rms_per_sample(x / sc)).cpu()
+    d1 = reduce(rms_per_sample(f0 / sc)).cpu()
+    h0 = torch.where((d0 > 1e-5) & (d1 > 1e-5), 0.01 * d0 / d1, torch.full_like(d0, 1e-6))
+    h0 = torch.minimum(h0, span)
+    s1 = sigma + direction * h0
+    c1 = scale(s1)
+    x1 = x + f0 * column(direction * h0, x)
+    k1 = ode.eps(x1, float(s1) if s1.ndim == 0 else s1)
+    f1 = x1 * column(-s1 * c1 * c1, x) + k1 * column(c1, x)  # type: ignore[operator]
+    d2 = reduce(rms_per_sample((f1 - f0) / sc)).cpu() / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        dmax > 1e-15,
+        (0.01 / dmax.clamp(min=1e-300)) ** (1.0 / (order + 1)),
+        torch.clamp(h0 * 1e-3, min=1e-6),
+    )
+    return torch.minimum(torch.minimum(100 * h0, h1), span)
+
+
+def underflow(h_abs: float, sigma: float) -> bool:
+    """The step has shrunk below what the sigma's float64 can resolve."""
+    return h_abs < 1e-14 * max(1.0, abs(sigma)) or not math.isfinite(h_abs)

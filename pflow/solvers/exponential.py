@@ -31,37 +31,57 @@ sigma_next eps + ...)``, with float64 coefficients built from ``phi`` functions.
 
 Steps into (or out of) ``sigma = 0``: there ``lambda`` is infinite and the only step these
 methods can take is their first-order limit, which is exactly DDIM's last step,
-``x0_hat`` of the last evaluation; ``last_step`` therefore makes no difference to them.
-The history restarts after a step from ``sigma = 0`` (the start of an encoding grid).
+``x0_hat`` of the last evaluation, the driver's Euler step: they support
+``last_step="euler"`` only, and ``"solver"`` is an error that says so.
+
+Each method is a :class:`~pflow.solvers.base.Solver` whose state carries the history
+``(lambda, x0_hat)``, newest last; the coefficients take float sigmas, per-sample tensors
+or 0-d tensors in a graph alike (``phi`` included).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from ..errors import MaxNFEExceeded
-from . import SolverSpec, register
-from .multistep import Walk, lincomb
-from .ode import PFODE, Evaluation, Outcome, scale
+from .base import Option, Sigma, Solver, State, StepInfo, expm1, lincomb, log, scale
+from .ode import PFODE, Evaluation
 
-__all__ = ["phi", "dpm_solver", "dpm_solver_pp", "unipc"]
+__all__ = ["phi", "DPMSolverPP", "DPMSolver", "UniPC", "SOLVERS"]
 
 # Diffusers' rule: grids shorter than this take lower orders in their last steps.
 _LOWER_ORDER_FINAL_BELOW = 15
+_NOTE = (
+    "its steps are in lambda = -log sigma, infinite at sigma = 0: the only step into 0 it "
+    "can take is its first-order limit, x0_hat of the last evaluation (the driver's Euler step)"
+)
 
 
-def phi(k: int, z: float) -> float:
+def phi(k: int, z: Sigma) -> Sigma:
     """``phi_k(z) = sum_{m >= 0} z^m / (m + k)!`` (``phi_0 = e^z``,
     ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``), so that
     ``int_0^h e^-(h - tau) tau^n / n! dtau = h^(n+1) phi_(n+1)(-h)``.
 
     Summed as a series for ``|z| < 2`` (no cancellation at small steps), by the recurrence
-    otherwise."""
+    otherwise; a tensor ``z`` gets the same two branches elementwise."""
+    if isinstance(z, Tensor):
+        small = z.abs() < 2.0
+        zs = torch.where(small, z, torch.zeros_like(z))
+        term = torch.full_like(z, 1.0 / math.factorial(k))
+        series = term
+        for m in range(1, 40):
+            term = term * zs / (m + k)
+            series = series + term
+        zr = torch.where(small, torch.full_like(z, 2.0), z)
+        value = torch.exp(zr)
+        for j in range(k):
+            value = (value - 1.0 / math.factorial(j)) / zr
+        return torch.where(small, series, value)
     if abs(z) < 2.0:
         term = 1.0 / math.factorial(k)
         total, m = term, 0
@@ -76,26 +96,43 @@ def phi(k: int, z: float) -> float:
     return value
 
 
-def _ddim(ev: Evaluation, sigma_next: float) -> Tensor:
+def _ddim(ev: Evaluation, sigma_next: Sigma) -> Tensor:
     """The first-order step of every method here: ``C(s) (x0_hat + s eps)``."""
     c = scale(sigma_next)
     return lincomb([(c, ev.x0), (c * sigma_next, ev.eps)])
 
 
-def _max_order(order: int, steps: int, i: int, lower_order_final: bool) -> int:
+def _is_zero(sigma: Sigma) -> bool:
+    return float(sigma) == 0.0
+
+
+def _max_order(order: int, info: StepInfo, lower_order_final: bool) -> int:
     """DPM-Solver++ in diffusers: on grids of fewer than 15 steps the last step is first
     order and the one before at most second order (the instability at <= 10 steps)."""
-    if lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW:
-        return min(order, steps - i)
+    if lower_order_final and info.n < _LOWER_ORDER_FINAL_BELOW:
+        return min(order, info.n - info.i)
     return order
 
 
-def _check_order(order: int, allowed: Sequence[int], name: str) -> int:
-    if isinstance(order, bool) or order not in allowed:
-        raise ValueError(
-            f"{name}: order must be one of {', '.join(map(str, allowed))}; got {order!r}"
-        )
-    return int(order)
+def _order_option(top: int, low: int = 1) -> Option:
+    return Option("order", int, top, "order of the method", low=low, high=top)
+
+
+_LOF = Option(
+    "lower_order_final",
+    bool,
+    True,
+    "on grids of fewer than 15 steps, lower orders in the last steps (diffusers' rule)",
+)
+
+
+class _Exponential(Solver):
+    """Shared capabilities: steps in lambda, Euler's step into 0 only."""
+
+    last_steps = ("euler",)
+    last_step_note = _NOTE
+    differentiable = True
+    ddim_options: dict[str, Any] | None = {"order": 1}
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,8 +141,8 @@ def _check_order(order: int, allowed: Sequence[int], name: str) -> int:
 
 def _dpmpp_update(
     ev: Evaluation,
-    sigma_next: float,
-    history: list[tuple[float, Tensor]],
+    sigma_next: Sigma,
+    history: Sequence[tuple[Sigma, Tensor]],
     order: int,
     variant: str = "exact",
 ) -> Tensor:
@@ -115,12 +152,12 @@ def _dpmpp_update(
         return _ddim(ev, sigma_next)
     c = scale(sigma_next)
     lam0 = history[-1][0]
-    h = -math.log(sigma_next) - lam0
+    h = -log(sigma_next) - lam0
     if order == 2:
         # Algorithm 2: D = (1 + 1/(2 r)) x0_0 - 1/(2 r) x0_1, r = h_prev / h, integrated as
         # a constant: xbar_next = x0_0 + s eps_0 + (1 - e^-h) / (2 r) (x0_0 - x0_1).
         lam1, x0_1 = history[-2]
-        k = -0.5 * math.expm1(-h) * h / (lam0 - lam1)
+        k = -0.5 * expm1(-h) * h / (lam0 - lam1)
         return lincomb([(c * (1.0 + k), ev.x0), (c * sigma_next, ev.eps), (-c * k, x0_1)])
     # Order 3: x0_hat(lambda0 + tau) ~ x0_0 + tau x0' + tau^2 x0''/2 through the last three
     # values, with D1 = h x0' = D1_0 + r0 D2 and D2 = h^2 x0''/2 = (D1_0 - D1_1) / (r0 + r1),
@@ -136,18 +173,7 @@ def _dpmpp_update(
     return lincomb([*terms, (c * w1, x0_1), (c * w2, x0_2)])
 
 
-def dpm_solver_pp(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int,
-    lower_order_final: bool = True,
-    variant: str = "exact",
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
+class DPMSolverPP(_Exponential):
     """DPM-Solver++(kM) (arXiv 2211.01095), multistep in ``lambda`` on ``x0_hat``: one
     evaluation per step, order ``k`` once ``k`` evaluations are known (first and second
     order steps at the start).
@@ -169,25 +195,35 @@ def dpm_solver_pp(
     first order and the one before at most second order, as diffusers'
     ``DPMSolverMultistepScheduler`` does against the instability at <= 10 steps.
     """
-    _check_order(order, (1, 2, 3), "dpm_solver_pp")
-    if variant not in ("exact", "reference"):
-        raise ValueError(f"variant must be 'exact' or 'reference', got {variant!r}")
-    steps = len(grid) - 1
-    walk = Walk(x, grid[0], record)
-    history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat), newest last
-    try:
-        for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
-            ev = ode.eval(x, sigma)
-            if sigma == 0.0 or sigma_next == 0.0:
-                x, history = _ddim(ev, sigma_next), []
-            else:
-                history = [*history, (-math.log(sigma), ev.x0)][-order:]
-                k = min(len(history), _max_order(order, steps, i, lower_order_final))
-                x = _dpmpp_update(ev, sigma_next, history, k, variant)
-            walk.visit(x, sigma_next)
-    except MaxNFEExceeded as exc:
-        walk.stop(exc, partial)
-    return walk.outcome(ode, x)
+
+    def __init__(self, order: int) -> None:
+        self.name = f"dpmpp_{order}m"
+        self.order = self.history = order
+        self.summary = f"DPM-Solver++({order}M): multistep on x0_hat in log sigma, 1 NFE per step"
+        self.options: tuple[Option, ...] = (_order_option(order), _LOF)
+        if order == 3:
+            self.options += (
+                Option(
+                    "variant",
+                    str,
+                    "exact",
+                    "exact 3rd-order weights, or the reference code's (diffusers')",
+                    choices=("exact", "reference"),
+                ),
+            )
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma = state.sigma
+        ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
+        if _is_zero(sigma) or _is_zero(sigma_next):
+            return State(_ddim(ev, sigma_next), sigma_next)
+        order = options["order"]
+        history = (*state.history, (-log(sigma), ev.x0))[-order:]
+        k = min(len(history), _max_order(order, info, options["lower_order_final"]))
+        x = _dpmpp_update(ev, sigma_next, history, k, options.get("variant", "exact"))
+        return State(x, sigma_next, history=history)
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,18 +231,18 @@ def dpm_solver_pp(
 
 
 def _dpm_solver_step(
-    ode: PFODE, ev: Evaluation, sigma: float, sigma_next: float, order: int
+    ode: PFODE, ev: Evaluation, sigma: Sigma, sigma_next: Sigma, order: int
 ) -> Tensor:
     """One step of DPM-Solver-``order`` (arXiv 2206.00927, as the paper writes it), in
     ``xbar`` (``sigma_s (e^h - 1) = sigma - sigma_s``) around ``x0_hat`` and ``eps``."""
     if order == 1:
         return _ddim(ev, sigma_next)
-    h = math.log(sigma / sigma_next)
+    h = log(sigma / sigma_next)
     c = scale(sigma_next)
     x0, eps0 = ev.x0, ev.eps
     if order == 2:
         r1 = 0.5
-        s1 = sigma * math.exp(-r1 * h)
+        s1 = sigma * (-r1 * h).exp() if isinstance(h, Tensor) else sigma * math.exp(-r1 * h)
         c1 = scale(s1)
         # u = (alpha_s1 / alpha) x - sigma_s1 (e^{r1 h} - 1) eps_0: DDIM to s1.
         eps1 = ode.eval(lincomb([(c1, x0), (c1 * s1, eps0)]), s1).eps
@@ -214,7 +250,10 @@ def _dpm_solver_step(
         k = (sigma - sigma_next) / (2 * r1)
         return lincomb([(c, x0), (c * (sigma_next + k), eps0), (-c * k, eps1)])
     r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-    s1, s2 = sigma * math.exp(-r1 * h), sigma * math.exp(-r2 * h)
+    if isinstance(h, Tensor):
+        s1, s2 = sigma * (-r1 * h).exp(), sigma * (-r2 * h).exp()
+    else:
+        s1, s2 = sigma * math.exp(-r1 * h), sigma * math.exp(-r2 * h)
     c1, c2 = scale(s1), scale(s2)
     eps1 = ode.eval(lincomb([(c1, x0), (c1 * s1, eps0)]), s1).eps
     # u_2 = ... - sigma_s2 (r2 / r1) ((e^{r2 h} - 1) / (r2 h) - 1) (eps_1 - eps_0)
@@ -225,52 +264,46 @@ def _dpm_solver_step(
     return lincomb([(c, x0), (c * (sigma_next + k), eps0), (-c * k, eps2)])
 
 
-def dpm_solver(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
+class DPMSolver(_Exponential):
     """Singlestep DPM-Solver-``order`` (arXiv 2206.00927) on ``eps``: each step evaluates
     at ``lambda + r h`` inside the step (``r = 1/2`` for order 2; ``1/3, 2/3`` for order
     3), so ``N`` steps cost ``order * N`` evaluations, less ``order - 1`` when the last
     step goes into ``sigma = 0`` (first order there). ``order=1`` is DDIM."""
-    _check_order(order, (1, 2, 3), "dpm_solver")
-    walk = Walk(x, grid[0], record)
-    try:
-        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-            ev = ode.eval(x, sigma)
-            k = 1 if sigma == 0.0 or sigma_next == 0.0 else order
-            x = _dpm_solver_step(ode, ev, sigma, sigma_next, k)
-            walk.visit(x, sigma_next)
-    except MaxNFEExceeded as exc:
-        walk.stop(exc, partial)
-    return walk.outcome(ode, x)
+
+    def __init__(self, order: int) -> None:
+        self.name = f"dpm_solver_{order}"
+        self.order = self.nfe_per_step = order
+        self.summary = f"DPM-Solver-{order}: singlestep on eps in log sigma, {order} NFE per step"
+        self.options = (_order_option(order),)
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma = state.sigma
+        ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
+        k = 1 if _is_zero(sigma) or _is_zero(sigma_next) else options["order"]
+        return State(_dpm_solver_step(ode, ev, sigma, sigma_next, k), sigma_next)
 
 
 # ----------------------------------------------------------------------------------------
 # UniPC (B(h) = e^h - 1, data prediction)
 
 
-def _unipc_b(h: float, order: int) -> list[float]:
+def _unipc_b(h: Sigma, order: int) -> list[Sigma]:
     """UniPC's right-hand side ``b_i = hh phi_(i+1)(hh) i! / B(hh)``, ``i = 1..order``,
     with ``hh = -h`` (data prediction) and ``B(hh) = e^hh - 1`` ("bh2")."""
     hh = -h
-    big_b = math.expm1(hh)
+    big_b = expm1(hh)
     return [hh * phi(i + 1, hh) * math.factorial(i) / big_b for i in range(1, order + 1)]
 
 
-def _unipc_rhos(rks: Sequence[float], h: float, order: int, corrector: bool) -> list[float]:
+def _unipc_rhos(rks: Sequence[Sigma], h: Sigma, order: int, corrector: bool) -> list[Sigma]:
     """The weights ``rho`` of UniP-``order`` (on the ``order - 1`` past differences) or of
     UniC-``order`` (past differences and the new one, at ``r = 1``)."""
     if corrector:
         if order == 1:
             return [0.5]
-        nodes = [*rks, 1.0]
+        nodes: list[Sigma] = [*rks, 1.0]
     else:
         if order == 1:
             return []
@@ -278,16 +311,21 @@ def _unipc_rhos(rks: Sequence[float], h: float, order: int, corrector: bool) -> 
             return [0.5]  # UniP-2 is DPM-Solver++(2M)
         nodes = list(rks)
     n = len(nodes)
-    r_matrix = np.array([[r**i for r in nodes] for i in range(n)], dtype=np.float64)
-    b = np.array(_unipc_b(h, n), dtype=np.float64)
-    return [float(v) for v in np.linalg.solve(r_matrix, b)]
+    b = _unipc_b(h, n)
+    if any(isinstance(v, Tensor) for v in (*nodes, h)):
+        nodes_t = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in nodes])
+        r_matrix = torch.stack([nodes_t**i for i in range(n)])
+        b_t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in b])
+        return list(torch.linalg.solve(r_matrix, b_t).unbind())
+    r_np = np.array([[r**i for r in nodes] for i in range(n)], dtype=np.float64)
+    return [float(v) for v in np.linalg.solve(r_np, np.array(b, dtype=np.float64))]
 
 
 def _unipc_update(
     x: Tensor,
-    sigma: float,
-    sigma_next: float,
-    history: list[tuple[float, Tensor]],
+    sigma: Sigma,
+    sigma_next: Sigma,
+    history: Sequence[tuple[Sigma, Tensor]],
     order: int,
     x0_new: Tensor | None = None,
 ) -> Tensor:
@@ -302,10 +340,10 @@ def _unipc_update(
     (the state ``x`` need not be the point ``x0_0`` was evaluated at: after a correction
     it is not), kept in the network's scale: ``e^-h C(s) / C(sigma)`` multiplies ``x``."""
     lam0, x0_0 = history[-1]
-    h = -math.log(sigma_next) - lam0
+    h = -log(sigma_next) - lam0
     c = scale(sigma_next)
-    g = -math.expm1(-h)
-    past = history[-order:-1][::-1] if order > 1 else []  # newest first, excluding x0_0
+    g = -expm1(-h)
+    past = list(history[-order:-1])[::-1] if order > 1 else []  # newest first, without x0_0
     rks = [(lam - lam0) / h for lam, _ in past]
     rhos = _unipc_rhos(rks, h, order, corrector=x0_new is not None)
     coefs = [rho / r for rho, r in zip(rhos, rks)]
@@ -318,23 +356,14 @@ def _unipc_update(
     return lincomb(terms)
 
 
-def unipc(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int = 2,
-    lower_order_final: bool = True,
-    corrector: bool = True,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
+class UniPC(_Exponential):
     """UniPC-``order`` (arXiv 2302.04867, ``B(h) = e^h - 1``, data prediction), multistep in
     ``lambda``: the predictor UniP-p (UniP-2 is DPM-Solver++(2M)) takes the step; the
     network is evaluated at its result; the corrector UniC-p re-does the step with that
-    evaluation, and the next step starts from the corrected state. The corrector costs no
-    evaluation and raises the order to ``p + 1``; there is none after the last step.
+    evaluation, and the next step starts from the corrected state with that evaluation
+    (so a step's end state is final once the step returns). The corrector costs no
+    evaluation and raises the order to ``p + 1``; there is none after the grid's last step
+    (no evaluation is made there).
 
     ``order``: 1, 2 (default) or 3, order ``order + 1`` with the corrector. The first steps
     use the history there is; the first is UniP-1, i.e. DDIM, and ``order=1`` with
@@ -342,88 +371,37 @@ def unipc(
     ``lower_order_final`` (default True): as diffusers' ``UniPCMultistepScheduler``, the
     order of a step is at most the number of steps left (the last step is first order).
     """
-    _check_order(order, (1, 2, 3), "unipc")
-    steps = len(grid) - 1
-    walk = Walk(x, grid[0], record)
-    history: list[tuple[float, Tensor]] = []  # (lambda, x0_hat), newest last
-    # the step the corrector will re-do: (state at its start, its sigma, its order);
-    # ``pending`` is where its (uncorrected) result lies
-    last: tuple[Tensor, float, int] | None = None
-    pending: float | None = None
-    try:
-        for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
-            ev = ode.eval(x, sigma)
-            if last is not None:
-                x_last, sigma_last, p = last
-                if corrector:
-                    x = _unipc_update(x_last, sigma_last, sigma, history, p, x0_new=ev.x0)
-                walk.visit(x, sigma)
-                last = pending = None
-            if sigma == 0.0 or sigma_next == 0.0:
-                # the first-order limit: x0_hat into 0 (e^-h = 0, the state drops out);
-                # out of 0 (where the state is the evaluated point) DDIM
-                x, history = _ddim(ev, sigma_next), []
-                walk.visit(x, sigma_next)
-                continue
-            history = [*history, (-math.log(sigma), ev.x0)][-order:]
-            p = min(order, len(history), steps - i if lower_order_final else order)
-            last, pending = (x, sigma, p), sigma_next
-            x = _unipc_update(x, sigma, sigma_next, history, p)
-    except MaxNFEExceeded as exc:
-        walk.stop(exc, partial)
-    if pending is not None:
-        walk.visit(x, pending)  # the last predictor's result: no corrector after it
-    return walk.outcome(ode, x)
+
+    name = "unipc"
+    order = 3
+    history = 3
+    summary = "UniPC (bh2): predictor-corrector on x0_hat, order p+1 at 1 NFE per step"
+    ddim_options = {"order": 1, "corrector": False}
+    options = (
+        Option(
+            "order", int, 2, "order p of the predictor (p + 1 with the corrector)", low=1, high=3
+        ),
+        Option("lower_order_final", bool, True, "the order of a step is at most the steps left"),
+        Option("corrector", bool, True, "apply UniC after each step but the last"),
+    )
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma, x = state.sigma, state.x
+        ev = state.ev if state.ev is not None else ode.eval(x, sigma)
+        if _is_zero(sigma) or _is_zero(sigma_next):
+            return State(_ddim(ev, sigma_next), sigma_next)
+        order = options["order"]
+        history = (*state.history, (-log(sigma), ev.x0))[-order:]
+        p = min(order, len(history), info.n - info.i if options["lower_order_final"] else order)
+        x_next = _unipc_update(x, sigma, sigma_next, history, p)
+        if info.final:
+            return State(x_next, sigma_next, history=history)
+        ev_next = ode.eval(x_next, sigma_next)
+        if options["corrector"]:
+            x_next = _unipc_update(x, sigma, sigma_next, history, p, x0_new=ev_next.x0)
+        return State(x_next, sigma_next, ev=ev_next, history=history)
 
 
-# ----------------------------------------------------------------------------------------
-# Registry
-
-register(
-    SolverSpec(
-        "dpmpp_2m",
-        False,
-        2,
-        functools.partial(dpm_solver_pp, order=2),
-        options=("lower_order_final",),
-        summary="DPM-Solver++(2M): multistep on x0_hat in log sigma, 1 NFE per step",
-    )
-)
-register(
-    SolverSpec(
-        "dpmpp_3m",
-        False,
-        3,
-        functools.partial(dpm_solver_pp, order=3),
-        options=("lower_order_final", "variant"),
-        summary="DPM-Solver++(3M): multistep on x0_hat in log sigma, 1 NFE per step",
-    )
-)
-register(
-    SolverSpec(
-        "dpm_solver_2",
-        False,
-        2,
-        functools.partial(dpm_solver, order=2),
-        summary="DPM-Solver-2: singlestep on eps in log sigma, 2 NFE per step",
-    )
-)
-register(
-    SolverSpec(
-        "dpm_solver_3",
-        False,
-        3,
-        functools.partial(dpm_solver, order=3),
-        summary="DPM-Solver-3: singlestep on eps in log sigma, 3 NFE per step",
-    )
-)
-register(
-    SolverSpec(
-        "unipc",
-        False,
-        3,
-        unipc,
-        options=("order", "lower_order_final", "corrector"),
-        summary="UniPC (bh2): predictor-corrector on x0_hat, order p+1 at 1 NFE per step",
-    )
-)
+SOLVERS = (DPMSolverPP(2), DPMSolverPP(3), DPMSolver(2), DPMSolver(3), UniPC())

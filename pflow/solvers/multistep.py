@@ -29,71 +29,20 @@ with the weights computed in float64 as Python floats.
 The step into ``sigma = 0`` follows ``last_step``: one Euler step (``x0_hat`` of the last
 evaluation) by default; with ``"solver"`` it is a full multistep step, which needs no
 evaluation at 0 (as diffusers' LMS and iPNDM schedulers take it).
-
-This module also holds the bookkeeping shared by every fixed-grid walk with a history
-(visited sigmas, trajectory, linear combinations with float64 weights), used by
-:mod:`pflow.solvers.exponential` as well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any
 
 import numpy as np
-from torch import Tensor
 
-from ..errors import MaxNFEExceeded
-from . import SolverSpec, register
-from .ode import PFODE, Outcome, scale
+from .base import Option, Solver, State, StepInfo, lincomb, scale
+from .ode import PFODE
 
-__all__ = ["ipndm", "lms", "ab_weights", "ab_weights_quadrature", "IPNDM_FIXED"]
-
-
-# ----------------------------------------------------------------------------------------
-# Shared bookkeeping of a walk along a fixed grid.
-
-
-def lincomb(terms: Sequence[tuple[float, Tensor]]) -> Tensor:
-    """``sum_j c_j * t_j`` for Python-float (float64) coefficients, skipping zero ones
-    after the first (which makes the new tensor)."""
-    (c0, t0), rest = terms[0], terms[1:]
-    out = t0 * c0
-    for c, t in rest:
-        if c != 0.0:
-            out.add_(t, alpha=c)
-    return out
-
-
-class Walk:
-    """Visited sigmas and, when asked for, the state at each of them."""
-
-    def __init__(self, x: Tensor, sigma: float, record: bool) -> None:
-        self.sigmas = [sigma]
-        self.trajectory = [x.clone()] if record else None
-        self.finished, self.message = True, ""
-
-    def visit(self, x: Tensor, sigma: float) -> None:
-        self.sigmas.append(sigma)
-        if self.trajectory is not None:
-            self.trajectory.append(x.clone())
-
-    def stop(self, exc: MaxNFEExceeded, partial: bool) -> None:
-        """``max_nfe`` ran out: re-raise, or keep the last completed state when partial."""
-        if not partial:
-            raise exc
-        self.finished, self.message = False, str(exc)
-
-    def outcome(self, ode: PFODE, x: Tensor) -> Outcome:
-        ode.raise_if_nonfinite()
-        return Outcome(
-            x,
-            self.sigmas,
-            n_accepted=len(self.sigmas) - 1,
-            trajectory=self.trajectory,
-            finished=self.finished,
-            message=self.message,
-        )
+__all__ = ["AdamsBashforth", "ab_weights", "ab_weights_quadrature", "IPNDM_FIXED", "SOLVERS"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -161,127 +110,77 @@ def _fixed_weights(sigmas: Sequence[float], h: float) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------
-# The walk.
+# The step.
+
+Weights = Callable[[Sequence[float], float], list[float]]
 
 
-def _adams_bashforth(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int,
-    weights: Callable[[Sequence[float], float], list[float]],
-    last_step: str,
-    record: bool,
-    partial: bool,
-) -> Outcome:
-    """Walk ``grid`` with Adams–Bashforth of order ``order`` on ``eps`` (lower orders while
-    the history fills up); the history is a local list of ``(sigma, eps)``."""
-    walk = Walk(x, grid[0], record)
-    history: list[tuple[float, Tensor]] = []  # newest last
-    try:
-        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-            ev = ode.eval(x, sigma)
-            history = [*history, (sigma, ev.eps)][-order:]
-            c = scale(sigma_next)
-            if sigma_next == 0.0 and last_step == "euler":
-                x = ev.x0 * c  # Euler into 0: x0_hat (C(0) = 1), as DDIM
-            else:
-                newest_first = history[::-1]
-                w = weights([s for s, _ in newest_first], sigma_next - sigma)
-                terms = [(c, ev.x0), (c * (sigma + w[0]), ev.eps)]
-                terms += [(c * wj, eps) for wj, (_, eps) in zip(w[1:], newest_first[1:])]
-                x = lincomb(terms)
-            walk.visit(x, sigma_next)
-    except MaxNFEExceeded as exc:
-        walk.stop(exc, partial)
-    return walk.outcome(ode, x)
+class AdamsBashforth(Solver):
+    """Adams–Bashforth of order up to ``order`` on ``eps`` in ``sigma``, lower orders while
+    the history ``(sigma, eps)`` fills up; one evaluation per step. ``order=1`` is Euler,
+    i.e. DDIM. With ``last_step="solver"`` the step into 0 is a full multistep step, which
+    needs no evaluation at 0 (as diffusers' LMS and iPNDM schedulers take it)."""
+
+    last_steps = ("euler", "solver")
+    ddim_options = {"order": 1}
+
+    def __init__(
+        self,
+        name: str,
+        top: int,
+        default: int,
+        summary: str,
+        weights: Weights,
+        fixed: Weights | None = None,
+    ) -> None:
+        self.name, self.summary = name, summary
+        self.order = self.history = default
+        self._weights, self._fixed = weights, fixed
+        self.options: tuple[Option, ...] = (
+            Option("order", int, default, "order once the history is full", low=1, high=top),
+        )
+        if fixed is not None:
+            self.options += (
+                Option(
+                    "variable_step",
+                    bool,
+                    True,
+                    "weights of the actual grid (False: the paper's, exact on uniform grids)",
+                ),
+            )
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Any, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma = float(state.sigma)
+        sigma_next = float(sigma_next)
+        ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
+        history = (*state.history, (sigma, ev.eps))[-options["order"] :]
+        weights = self._weights
+        if self._fixed is not None and not options["variable_step"]:
+            weights = self._fixed
+        newest_first = history[::-1]
+        w = weights([s for s, _ in newest_first], sigma_next - sigma)
+        c = scale(sigma_next)
+        terms = [(c, ev.x0), (c * (sigma + w[0]), ev.eps)]
+        terms += [(c * wj, eps) for wj, (_, eps) in zip(w[1:], newest_first[1:])]
+        return State(lincomb(terms), sigma_next, history=history)
 
 
-def _check_order(order: int, lo: int, hi: int, name: str) -> int:
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not lo <= order <= hi:
-        raise ValueError(f"{name}: order must be an integer in [{lo}, {hi}], got {order!r}")
-    return int(order)
-
-
-def ipndm(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int = 4,
-    variable_step: bool = True,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
-    """iPNDM (arXiv 2204.13902, appendix): Adams–Bashforth on ``eps`` of order up to
-    ``order`` (at most 4), one evaluation per step, lower orders while the history fills
-    up (no Runge–Kutta warm-up, unlike PNDM).
-
-    ``variable_step=True`` (default) uses the Adams–Bashforth weights of the actual sigma
-    grid, order ``order`` on any smooth grid; ``variable_step=False`` the paper's fixed
-    weights, exact on a grid uniform in sigma (diffusers' ``IPNDMScheduler``). With
-    ``order=1`` (or on the first step) it is Euler, i.e. DDIM.
-    """
-    order = _check_order(order, 1, 4, "ipndm")
-    weights = ab_weights if variable_step else _fixed_weights
-    return _adams_bashforth(
-        ode,
-        x,
-        grid,
-        order=order,
-        weights=weights,
-        last_step=last_step,
-        record=record,
-        partial=partial,
-    )
-
-
-def lms(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    order: int = 4,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
-    """Linear multistep (k-diffusion's and diffusers' LMS): the last ``order`` values of
-    ``eps`` interpolated over the actual sigma grid and the polynomial integrated over the
-    step exactly (Gauss–Legendre quadrature). Order ``order`` once the history is full;
-    ``order=1`` is Euler, i.e. DDIM."""
-    order = _check_order(order, 1, 6, "lms")
-    return _adams_bashforth(
-        ode,
-        x,
-        grid,
-        order=order,
-        weights=ab_weights_quadrature,
-        last_step=last_step,
-        record=record,
-        partial=partial,
-    )
-
-
-register(
-    SolverSpec(
+SOLVERS = (
+    AdamsBashforth(
         "ipndm",
-        False,
         4,
-        ipndm,
-        options=("order", "variable_step"),
-        summary="iPNDM: Adams-Bashforth on eps up to 4th order, variable-step, 1 NFE per step",
-    )
-)
-register(
-    SolverSpec(
+        4,
+        "iPNDM: Adams-Bashforth on eps up to 4th order, variable-step, 1 NFE per step",
+        ab_weights,
+        fixed=_fixed_weights,
+    ),
+    AdamsBashforth(
         "lms",
-        False,
+        6,
         4,
-        lms,
-        options=("order",),
-        summary="linear multistep on eps, exact weights on the actual grid, 1 NFE per step",
-    )
+        "linear multistep on eps, exact weights on the actual grid, 1 NFE per step",
+        ab_weights_quadrature,
+    ),
 )

@@ -1,4 +1,4 @@
-"""The PF-ODE as every solver sees it, and the bookkeeping every solve shares.
+"""The PF-ODE as every solver sees it: one counted, budgeted, NaN-watched evaluation.
 
 The ODE is ``d xbar / d sigma = eps(xbar, sigma)``. Solvers keep the state in the
 network's own scale, ``x = xbar * C(sigma)`` with ``C(sigma) = 1 / sqrt(1 + sigma^2)``:
@@ -13,8 +13,6 @@ without adding small updates to a number of size ``sigma_max`` in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +21,7 @@ from torch import Tensor
 from ..errors import MaxNFEExceeded, NonFiniteError
 from ..model import ODEModel, sigma_column
 
-__all__ = ["PFODE", "Evaluation", "Outcome", "scale", "walk"]
+__all__ = ["PFODE", "Evaluation", "scale"]
 
 
 _FOLD = 256
@@ -66,6 +64,8 @@ class PFODE:
 
     def eval(self, x: Tensor, sigma: float | Tensor) -> Evaluation:
         """One network evaluation at the state ``x`` (network scale) and ``sigma``."""
+        if isinstance(sigma, Tensor) and sigma.ndim and sigma.device != x.device:
+            sigma = sigma.to(x.device)
         if self.max_nfe is not None and self.nfe >= self.max_nfe:
             raise MaxNFEExceeded(
                 f"max_nfe={self.max_nfe} network evaluations used up before sigma="
@@ -102,6 +102,10 @@ class PFODE:
     def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """``eps`` at ``(x, sigma)``: one network evaluation."""
         return self.eval(x, sigma).eps
+
+    def extras(self) -> dict[str, Any]:
+        """Counts beyond ``nfe`` that a result reports (e.g. the likelihood's ``n_vjp``)."""
+        return {}
 
     def batch_max(self, values: Tensor) -> float:
         """The largest of per-sample ``values`` over the batch, and over every rank of
@@ -164,49 +168,3 @@ def _fmt(sigma: float | Tensor) -> str:
     if isinstance(sigma, Tensor):
         return f"{sigma.detach().cpu().tolist()}"
     return f"{sigma:.6g}"
-
-
-def walk(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    step: Callable[[Tensor, float, float], Tensor],
-    *,
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
-    """The loop every fixed-grid solver shares: ``x = step(x, sigma, sigma_next)`` for each
-    interval of ``grid``, recording the trajectory when asked, stopping with the last
-    completed state when ``max_nfe`` runs out and ``partial`` is set, and checking the
-    model's outputs for NaN/inf once at the end. A multistep method keeps its history in
-    the closure ``step``."""
-    visited = [grid[0]]
-    traj = [x.clone()] if record else None
-    finished, message = True, ""
-    try:
-        for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-            x = step(x, sigma, sigma_next)
-            visited.append(sigma_next)
-            if traj is not None:
-                traj.append(x.clone())
-    except MaxNFEExceeded as exc:
-        if not partial:
-            raise
-        finished, message = False, str(exc)
-    ode.raise_if_nonfinite()
-    return Outcome(
-        x, visited, n_accepted=len(visited) - 1, trajectory=traj, finished=finished, message=message
-    )
-
-
-@dataclass
-class Outcome:
-    """What a solver hands back to the solve loop."""
-
-    x: Tensor
-    sigmas: list[float]
-    n_accepted: int
-    n_rejected: int = 0
-    trajectory: list[Tensor] | None = None
-    finished: bool = True
-    message: str = field(default="")

@@ -55,24 +55,15 @@ reversible and leaves no companion.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import MaxNFEExceeded
-from . import SolverSpec, register
-from .ode import PFODE, Outcome
+from .base import Option, Solver, State, StepInfo, scale
+from .ode import PFODE, Evaluation
 
-__all__ = ["REVERSIBLE_SOLVERS", "ReversibleOutcome", "companion_shape", "solve_alf"]
-
-
-@dataclass
-class ReversibleOutcome(Outcome):
-    """An :class:`Outcome` that also carries the companion at the last sigma (``None``
-    after a final step into ``sigma = 0``)."""
-
-    companion: Tensor | None = None
+__all__ = ["ALF", "DDIMInverse", "companion_shape", "SOLVERS"]
 
 
 def companion_shape(x: Tensor) -> tuple[int, ...]:
@@ -90,96 +81,131 @@ def _y_per_x(sigma: float) -> float:
     return math.sqrt(1.0 + sigma * sigma) / sigma
 
 
-def solve_alf(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-    companion: Tensor | None = None,
-) -> ReversibleOutcome:
-    """Walk ``grid`` (increasing to encode, decreasing to decode) with one ALF step of (1)
-    per interval, from the state ``x`` (network scale) at ``grid[0]``.
+class ALF(Solver):
+    """Walk the grid (increasing to encode, decreasing to decode) with one ALF step of (1)
+    per interval. The state's ``aux`` is ``(y, v, x_w)`` in the working dtype (float64):
+    ``y = xbar / sigma``, the companion ``v`` (``None`` until started) and the unrounded
+    state. Option ``companion``: the companion at the grid's first sigma returned by a
+    previous solve that ended there (shape ``(2, *x.shape)``); ``None`` starts it at
+    ``D(x, grid[0])`` for one evaluation. The result's ``companion`` is the one at the last
+    sigma (``None`` after the Euler step into ``sigma = 0``)."""
 
-    Args:
-        companion: the companion at ``grid[0]`` returned by a previous solve that ended
-            there (shape ``(2, *x.shape)``); ``None`` starts it at ``D(x, grid[0])``.
-        last_step: the step into ``sigma = 0`` is always Euler's (``x0_hat``): ``tau = 1 / 0``
-            cannot be stepped to. Accepted for the common solver interface.
-
-    Returns:
-        A :class:`ReversibleOutcome` with the state at the last sigma reached, in ``x``'s
-        dtype, and its companion.
-    """
-    if grid[0] <= 0.0:
-        raise ValueError(
-            "alf needs a positive first sigma (its time is tau = 1 / sigma); the data enter "
-            f"as the state at the grid's first sigma, got {grid[0]}"
-        )
-    if companion is not None and tuple(companion.shape) != companion_shape(x):
-        raise ValueError(
-            f"companion has shape {tuple(companion.shape)}, expected {companion_shape(x)} for "
-            f"a state of shape {tuple(x.shape)}"
-        )
-    dtype, work = x.dtype, _work_dtype(x)
-    sigma = grid[0]
-    x_w = x.to(work)
-    v: Tensor | None = None
-    if companion is not None:
-        x_w = x_w + companion[1].to(work)
-        v = companion[0].to(work)
-    y = x_w * _y_per_x(sigma)
-    visited = [sigma]
-    traj = [x.clone()] if record else None
-    finished, message = True, ""
-    try:
-        for sigma_next in grid[1:]:
-            if sigma_next == 0.0:
-                # Euler into 0: the denoised estimate at the last positive sigma.
-                x = ode.eval(x, sigma).x0
-                v = None
-            else:
-                if v is None:
-                    v = ode.eval(x, sigma).x0.to(work)  # start the companion: one NFE
-                sigma_m = math.sqrt(sigma * sigma_next)
-                y_m = y + v * (1.0 / sigma_m - 1.0 / sigma)
-                u = ode.eval((y_m / _y_per_x(sigma_m)).to(dtype), sigma_m).x0.to(work)
-                v = 2.0 * u - v
-                y = y_m + v * (1.0 / sigma_next - 1.0 / sigma_m)
-                x_w = y / _y_per_x(sigma_next)
-                x = x_w.to(dtype)
-            sigma = sigma_next
-            visited.append(sigma)
-            if traj is not None:
-                traj.append(x.clone())
-    except MaxNFEExceeded as exc:
-        if not partial:
-            raise
-        finished, message = False, str(exc)
-    ode.raise_if_nonfinite()
-    out_companion = None if v is None else torch.stack([v, x_w - x.to(work)])
-    return ReversibleOutcome(
-        x,
-        visited,
-        n_accepted=len(visited) - 1,
-        trajectory=traj,
-        finished=finished,
-        message=message,
-        companion=out_companion,
+    name = "alf"
+    order = 2
+    reversible = True
+    summary = (
+        "asynchronous leapfrog in y = xbar/sigma, tau = 1/sigma: algebraically "
+        "reversible (exact encode/decode), 2nd order, N steps cost N + 1 NFE"
+    )
+    last_step_note = "tau = 1 / sigma cannot be stepped to at sigma = 0"
+    options = (
+        Option(
+            "companion",
+            object,
+            None,
+            "the companion (2, *x.shape) of a previous alf solve ending at the first sigma",
+            allow_none=True,
+            batch_dim=1,
+        ),
     )
 
+    def init(self, ode: PFODE, x: Tensor, sigma: Any, options: dict[str, Any]) -> State:
+        sigma = float(sigma)
+        if sigma <= 0.0:
+            raise ValueError(
+                "alf needs a positive first sigma (its time is tau = 1 / sigma); the data "
+                f"enter as the state at the grid's first sigma, got {sigma}"
+            )
+        companion = options.get("companion")
+        if companion is not None and tuple(companion.shape) != companion_shape(x):
+            raise ValueError(
+                f"companion has shape {tuple(companion.shape)}, expected "
+                f"{companion_shape(x)} for a state of shape {tuple(x.shape)}"
+            )
+        work = _work_dtype(x)
+        x_w, v = x.to(work), None
+        if companion is not None:
+            x_w = x_w + companion[1].to(work)
+            v = companion[0].to(work)
+        return State(x, sigma, aux=(x_w * _y_per_x(sigma), v, x_w))
 
-REVERSIBLE_SOLVERS = ("alf",)
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Any, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma, sigma_next = float(state.sigma), float(sigma_next)
+        y, v, _ = state.aux
+        x, dtype = state.x, state.x.dtype
+        if v is None:
+            v = ode.eval(x, sigma).x0.to(y.dtype)  # start the companion: one NFE
+        sigma_m = math.sqrt(sigma * sigma_next)
+        y_m = y + v * (1.0 / sigma_m - 1.0 / sigma)
+        u = ode.eval((y_m / _y_per_x(sigma_m)).to(dtype), sigma_m).x0.to(y.dtype)
+        v = 2.0 * u - v
+        y = y_m + v * (1.0 / sigma_next - 1.0 / sigma_m)
+        x_w = y / _y_per_x(sigma_next)
+        return State(x_w.to(dtype), sigma_next, aux=(y, v, x_w))
 
-register(
-    SolverSpec(
-        "alf",
-        False,
-        2,
-        solve_alf,
-        summary="asynchronous leapfrog in y = xbar/sigma, tau = 1/sigma: algebraically "
-        "reversible (exact encode/decode), 2nd order, N steps cost N + 1 NFE",
-    )
-)
+    def extras(self, state: State) -> dict[str, Any]:
+        if state.aux is None or state.aux[1] is None:
+            return {"companion": None}
+        _, v, x_w = state.aux
+        return {"companion": torch.stack([v, x_w - state.x.to(x_w.dtype)])}
+
+
+def _reconvert(
+    ev: Evaluation, x: Tensor, sigma_eval: float, sigma_src: float, prediction: str
+) -> tuple[Tensor, Tensor]:
+    """``(eps, x0_hat)`` from the network's output at ``sigma_eval`` on the state ``x``,
+    converted with the source level's coefficients, as ``DDIMInverseScheduler.step`` does
+    (its ``alpha_prod_t`` is the source's). ``ev`` is the :class:`Evaluation` at
+    ``sigma_eval``, from which the raw output is recovered exactly."""
+    c_src = scale(sigma_src)
+    sqrt_a, sqrt_1ma = c_src, sigma_src * c_src  # the source's sqrt(a), sqrt(1 - a)
+    if prediction == "sample":
+        if sigma_src == 0.0:
+            raise ValueError(
+                "ddim_inverse with an x0-predicting network cannot start at sigma = 0 (the "
+                "noise estimate divides by sqrt(1 - a) = 0, as in diffusers); use "
+                "set_alpha_to_one=False or start the grid at a positive sigma"
+            )
+        raw = ev.x0
+        return (x - sqrt_a * raw) / sqrt_1ma, raw
+    if prediction == "v_prediction":
+        c_e = scale(sigma_eval)
+        raw = ev.eps * c_e - ev.x0 * (sigma_eval * c_e)  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return sqrt_a * raw + sqrt_1ma * x, sqrt_a * x - sqrt_1ma * raw
+    eps = ev.eps
+    return eps, (x - sqrt_1ma * eps) / sqrt_a
+
+
+class DDIMInverse(Solver):
+    """diffusers' ``DDIMInverseScheduler`` (encode only): from ``sigma`` to ``sigma_next``,
+
+        eps = eps_theta(x, t(sigma_next)),   x0_hat = (x - sqrt(1 - a) eps) / sqrt(a),
+        x_next = sqrt(a_next) x0_hat + sqrt(1 - a_next) eps,
+
+    with ``a`` the source's and the network evaluated at the destination's timestep on the
+    source's state. In ``xbar`` this is ``xbar_next = xbar + (sigma_next - sigma) eps``
+    with ``eps`` taken at the wrong point: a first-order approximation of the step that
+    would undo DDIM's (which needs ``eps`` at ``(x_next, sigma_next)``, an implicit
+    equation). It never evaluates at its first sigma, so it may start at 0. Decode its
+    latents with ``euler`` on the mirrored grid, which is ``DDIMScheduler``."""
+
+    name = "ddim_inverse"
+    summary = "diffusers' DDIMInverseScheduler (encode only): eps at the destination's t"
+    directions = ("up",)
+    starts_at_zero = True
+    last_step_note = "it only encodes"
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Any, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma, sigma_next = float(state.sigma), float(sigma_next)
+        prediction = getattr(ode.model, "prediction", "epsilon")
+        ev = ode.eval(state.x, sigma_next)
+        eps, x0_hat = _reconvert(ev, state.x, sigma_next, sigma, prediction)
+        c_next = scale(sigma_next)
+        return State(x0_hat * c_next + eps * (sigma_next * c_next), sigma_next)
+
+
+SOLVERS = (ALF(), DDIMInverse())

@@ -1,74 +1,67 @@
-"""One generic explicit Runge–Kutta stepper, driven by a :class:`ButcherTableau`, on a
-fixed grid or under a PI step-size controller.
+"""Explicit Runge–Kutta methods: one generic step driven by a :class:`ButcherTableau`.
 
 A step from ``sigma`` to ``sigma + h`` of ``d xbar / d sigma = eps`` computes the stages
 
     xbar_i = xbar + h * sum_{j<i} a_ij k_j,        k_i = eps(xbar_i, sigma + c_i h),
 
 and ``xbar_next = xbar + h * sum_i b_i k_i``, all written in the network's scale (see
-:mod:`pflow.solvers.ode`). With the Euler tableau and a DDIM grid this *is* DDIM
-(arXiv 2010.02502, eq. 13 and 14).
+:mod:`pflow.solvers.base`). With the Euler tableau and a DDIM grid this *is* DDIM
+(arXiv 2010.02502, eq. 13 and 14). An embedded pair (``b_hat``) also returns its error
+estimate, and the driver steps it under the PI controller, shared by the batch or per
+sample (``per_sample=True``).
 
 The step into ``sigma = 0``: a network trained on ``t = 0 .. N-1`` is not defined below
-the schedule's ``sigma_min``, so by default (``last_step="euler"``) every method takes
-its final step into ``sigma = 0`` as one Euler step, which returns the network's own
-denoised estimate ``x0_hat = xbar - sigma * eps``: EDM's Algorithm 1 does this for Heun,
-so ``N`` Heun steps cost ``2N - 1`` evaluations; DDIM does it too. With
-``last_step="solver"`` the method integrates all the way to 0 (right for models
-defined at ``sigma = 0``, such as the exact Gaussian mixture).
+the schedule's ``sigma_min``, so by default (``last_step="euler"``) the driver takes it as
+one Euler step, the network's own denoised estimate ``x0_hat = xbar - sigma * eps``: EDM's
+Algorithm 1 does this for Heun, so ``N`` Heun steps cost ``2N - 1`` evaluations; DDIM does
+it too. With ``last_step="solver"`` the method integrates all the way to 0 (right for
+models defined at ``sigma = 0``, such as the exact Gaussian mixture).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 from torch import Tensor
 
-from ..errors import MaxNFEExceeded
-from .controller import PIController, error_ratio, rms_per_sample
-from .ode import PFODE, Evaluation, Outcome, scale, walk
-from .tableau import EULER, ButcherTableau
+from .base import Option, Sigma, Solver, State, StepInfo, lincomb, scale
+from .controller import error_ratio
+from .ode import PFODE, Evaluation
+from .tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, ButcherTableau
 
-__all__ = ["rk_step", "solve_fixed", "solve_adaptive"]
-
-
-def _combine(base: Tensor, base_coef: float, ks: list[Tensor], coefs: list[float]) -> Tensor:
-    """``base * base_coef + sum_j coefs[j] * ks[j]``, skipping zero weights."""
-    out = base * base_coef if base_coef != 1.0 else base.clone()
-    for k, w in zip(ks, coefs):
-        if w != 0.0:
-            out.add_(k, alpha=w)
-    return out
+__all__ = ["rk_step", "RungeKutta", "EmbeddedRungeKutta"]
 
 
 def _stage(
     first: Evaluation,
     ks: list[Tensor],
     weights: tuple[float, ...],
-    sigma: float,
-    h: float,
-    sigma_i: float,
+    sigma: Sigma,
+    h: Sigma,
+    sigma_i: Sigma,
 ) -> Tensor:
     """``C(sigma_i) * (xbar + h * sum_j weights[j] * ks[j])`` with ``xbar`` written as
     ``x0_hat + sigma * eps`` of the first stage: the well-conditioned form."""
     c_i = scale(sigma_i)
-    coefs = [c_i * (sigma + h * weights[0])] + [c_i * h * w for w in weights[1:]]
-    return _combine(first.x0, c_i, ks, coefs)
+    terms: list[tuple[Sigma, Tensor]] = [(c_i, first.x0), (c_i * (sigma + h * weights[0]), ks[0])]
+    terms += [(c_i * h * w, k) for w, k in zip(weights[1:], ks[1:]) if w != 0.0]
+    return lincomb(terms)
 
 
 def rk_step(
     ode: PFODE,
     tab: ButcherTableau,
     x: Tensor,
-    sigma: float,
-    h: float,
+    sigma: Sigma,
+    sigma_next: Sigma,
     first: Evaluation | None = None,
 ) -> tuple[Tensor, Tensor | None, list[Evaluation]]:
-    """One step of ``tab`` from ``(x, sigma)`` to ``sigma + h``.
+    """One step of ``tab`` from ``(x, sigma)`` to ``sigma_next``.
 
     Every stage state is written around the first stage's denoised estimate,
     ``xbar_i = x0_hat + (sigma + h a_i1) eps_1 + h sum_{j>1} a_ij eps_j``, and kept in the
-    network's scale: for Euler this is DDIM's own ``x0_hat + sigma_next * eps``.
+    network's scale: for Euler this is DDIM's own ``x0_hat + sigma_next * eps``. Sigmas are
+    floats, per-sample float64 tensors or 0-d tensors in a graph.
 
     Args:
         x: state in the network's scale at ``sigma``.
@@ -78,12 +71,12 @@ def rk_step(
         ``(x_next, err, evals)``: the new state, the embedded error estimate in the
         network's scale (``None`` for a method without one) and the stage evaluations.
     """
-    sigma_next = sigma + h
+    h = sigma_next - sigma
     evals = [first if first is not None else ode.eval(x, sigma)]
     ks = [evals[0].eps]
     x_next: Tensor | None = None
     for i in range(1, tab.stages):
-        s_i = sigma + tab.c[i] * h if tab.c[i] != 1.0 else sigma_next
+        s_i = sigma_next if tab.c[i] == 1.0 else sigma + tab.c[i] * h
         x_i = _stage(evals[0], ks, tab.a[i], sigma, h, s_i)
         if tab.fsal and i == tab.stages - 1:
             x_next = x_i
@@ -91,157 +84,81 @@ def rk_step(
         ks.append(evals[-1].eps)
     if x_next is None:
         x_next = _stage(evals[0], ks, tab.b, sigma, h, sigma_next)
-    c_next = scale(sigma_next)
-    err = _combine(x, 0.0, ks, [c_next * h * e for e in tab.e]) if tab.adaptive else None
+    err = None
+    if tab.adaptive:
+        c_next = scale(sigma_next)
+        err = lincomb([(c_next * h * e, k) for e, k in zip(tab.e, ks) if e != 0.0])
     return x_next, err, evals
 
 
-def _euler_into(
-    ode: PFODE, x: Tensor, sigma: float, sigma_next: float, first: Evaluation | None = None
-) -> Tensor:
-    return rk_step(ode, EULER, x, sigma, sigma_next - sigma, first=first)[0]
+class RungeKutta(Solver):
+    """A fixed-step explicit Runge–Kutta method given by its tableau."""
+
+    last_steps = ("euler", "solver")
+    differentiable = True
+
+    def __init__(self, tableau: ButcherTableau, summary: str, name: str | None = None) -> None:
+        self.tableau = tableau
+        self.name = name or tableau.name
+        self.summary = summary
+        self.order = tableau.order
+        self.nfe_per_step = tableau.stages - (1 if tableau.fsal else 0)
+        self.ddim_options = {} if tableau.stages == 1 else None
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        x_next, _, evals = rk_step(ode, self.tableau, state.x, state.sigma, sigma_next, state.ev)
+        return State(x_next, sigma_next, ev=evals[-1] if self.tableau.fsal else None)
 
 
-def solve_fixed(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    tableau: ButcherTableau,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
-    """Walk ``grid`` with one step of ``tableau`` per interval."""
-
-    def step(x: Tensor, sigma: float, sigma_next: float) -> Tensor:
-        if sigma_next == 0.0 and last_step == "euler":
-            return _euler_into(ode, x, sigma, sigma_next)
-        return rk_step(ode, tableau, x, sigma, sigma_next - sigma)[0]
-
-    return walk(ode, x, grid, step, record=record, partial=partial)
+_TOLERANCE = dict(kind=float, default=1e-5, low=0.0, low_open=True)
 
 
-def _initial_step(
-    ode: PFODE,
-    tab: ButcherTableau,
-    x: Tensor,
-    sigma: float,
-    k0: Tensor,
-    direction: float,
-    span: float,
-    rtol: float,
-    atol: float,
-) -> float:
-    """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), measured in the
-    network's scale. Costs one evaluation."""
-    sc = atol + rtol * x.abs()
-    c0 = scale(sigma)
-    # d x / d sigma in the network's scale: -sigma / (1 + sigma^2) * x + C(sigma) * eps.
-    f0 = x * (-sigma * c0 * c0) + k0 * c0
-    d0 = ode.batch_max(rms_per_sample(x / sc))
-    d1 = ode.batch_max(rms_per_sample(f0 / sc))
-    h0 = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
-    h0 = min(h0, span)
-    s1 = sigma + direction * h0
-    c1 = scale(s1)
-    x1 = x + f0 * (direction * h0)
-    k1 = ode.eps(x1, s1)
-    f1 = x1 * (-s1 * c1 * c1) + k1 * c1
-    d2 = ode.batch_max(rms_per_sample((f1 - f0) / sc)) / h0
-    dmax = max(d1, d2)
-    h1 = (0.01 / dmax) ** (1.0 / (tab.order + 1)) if dmax > 1e-15 else max(1e-6, h0 * 1e-3)
-    return min(100 * h0, h1, span)
+class EmbeddedRungeKutta(RungeKutta):
+    """An embedded pair under the PI controller: the driver proposes each step, this
+    attempts it and reports the per-sample error ratio (pflow's RMS norm in the network's
+    scale, :func:`~pflow.solvers.controller.error_ratio`)."""
 
-
-def solve_adaptive(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    tableau: ButcherTableau,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    first_step: float | None = None,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-) -> Outcome:
-    """Integrate through every point of ``grid`` with an embedded pair and PI control.
-
-    The points of ``grid`` are hit exactly (they are where the trajectory is recorded);
-    between them the controller chooses the steps. The step is shared by the whole batch:
-    it is accepted when every sample's error ratio is at most 1 (every sample on every
-    rank, when the :class:`PFODE` has a process group).
-    """
-    controller = PIController(order=1 + min(tableau.order, tableau.error_order or 1))
-    visited = [grid[0]]
-    traj = [x.clone()] if record else None
-    n_acc = n_rej = 0
-    k: Evaluation | None = None  # the evaluation at (x, sigma) when known (FSAL)
-    h_abs: float | None = first_step
-    sigma = grid[0]
-    finished, message = True, ""
-    try:
-        for target in grid[1:]:
-            direction = 1.0 if target > sigma else -1.0
-            if target == 0.0 and last_step == "euler":
-                x = _euler_into(ode, x, sigma, target, first=k)
-                k, sigma = None, target
-                n_acc += 1
-                visited.append(sigma)
-                if traj is not None:
-                    traj.append(x.clone())
-                continue
-            while sigma != target:
-                if k is None:
-                    k = ode.eval(x, sigma)
-                remaining = abs(target - sigma)
-                if h_abs is None:
-                    h_abs = _initial_step(
-                        ode, tableau, x, sigma, k.eps, direction, remaining, rtol, atol
-                    )
-                clipped = h_abs >= remaining * (1 - 1e-12)
-                h = direction * (remaining if clipped else h_abs)
-                x_next, err, evals = rk_step(ode, tableau, x, sigma, h, first=k)
-                assert err is not None
-                ratio = ode.batch_max(error_ratio(err, x, x_next, rtol, atol))
-                if not math.isfinite(ratio):
-                    ode.raise_if_nonfinite()
-                ode.forget_finite()
-                accepted = ratio <= 1.0
-                h_new = abs(controller.propose(h, ratio, accepted))
-                if accepted:
-                    n_acc += 1
-                    x = x_next
-                    sigma = target if clipped else sigma + h
-                    k = evals[-1] if tableau.fsal else None
-                    visited.append(sigma)
-                    if traj is not None:
-                        traj.append(x.clone())
-                    # A step cut short to land on a grid point says nothing about the
-                    # step size the error allows: keep the longer proposal.
-                    h_abs = max(h_new, h_abs) if clipped else h_new
-                else:
-                    n_rej += 1
-                    h_abs = h_new
-                if h_abs < 1e-14 * max(1.0, abs(sigma)):
-                    raise FloatingPointError(
-                        f"step size underflow at sigma={sigma:.6g}: the error estimate does not "
-                        f"fall as the step shrinks (rtol={rtol}, atol={atol} may be below the "
-                        f"dtype's round-off)"
-                    )
-    except MaxNFEExceeded as exc:
-        if not partial:
-            raise
-        finished, message = False, str(exc)
-    ode.raise_if_nonfinite()
-    return Outcome(
-        x,
-        visited,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
-        trajectory=traj,
-        finished=finished,
-        message=message,
+    adaptive = True
+    per_sample = True
+    differentiable = False
+    options = (
+        Option("rtol", doc="relative tolerance", **_TOLERANCE),  # type: ignore[arg-type]
+        Option("atol", doc="absolute tolerance", **_TOLERANCE),  # type: ignore[arg-type]
+        Option(
+            "first_step",
+            float,
+            None,
+            "first step size (default: Hairer's rule, one NFE)",
+            low=0.0,
+            low_open=True,
+            allow_none=True,
+        ),
+        Option("per_sample", bool, False, "each sample takes its own steps"),
     )
+
+    def __init__(self, name: str, tableau: ButcherTableau, summary: str) -> None:
+        if not tableau.adaptive:
+            raise ValueError(f"{tableau.name} has no embedded error estimate")
+        super().__init__(tableau, summary, name=name)
+        self.error_order = tableau.error_order
+        self.ddim_options = None
+
+    def attempt(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any]
+    ) -> tuple[State, Tensor]:
+        x_next, err, evals = rk_step(ode, self.tableau, state.x, state.sigma, sigma_next, state.ev)
+        assert err is not None
+        ratio = error_ratio(err, state.x, x_next, options["rtol"], options["atol"])
+        return State(x_next, sigma_next, ev=evals[-1] if self.tableau.fsal else None), ratio
+
+
+SOLVERS = (
+    RungeKutta(EULER, "Euler; on a DDIM grid this is DDIM (eta = 0)"),
+    RungeKutta(HEUN, "Heun's 2nd order (EDM Algorithm 1), 2 NFE per step, Euler into 0"),
+    RungeKutta(MIDPOINT, "explicit midpoint, 2nd order, 2 NFE per step"),
+    RungeKutta(RK4, "classical Runge-Kutta, 4th order, 4 NFE per step"),
+    EmbeddedRungeKutta("rk45", DOPRI5, "Dormand-Prince 5(4), FSAL, PI step control"),
+    EmbeddedRungeKutta("bosh3", BOSH3, "Bogacki-Shampine 3(2), FSAL, PI step control"),
+)

@@ -25,16 +25,17 @@ instead (faster to set up, but tied to the batch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..noise import KeyedNormal, noise_keys
-from . import SolverSpec, register
-from .ode import PFODE, Outcome, walk
+from .base import Option, Solver, State, StepInfo
+from .ode import PFODE, Evaluation
 
-__all__ = ["solve_ddim", "solve_ddpm", "PerSampleNoise"]
+__all__ = ["DDIM", "DDPM", "PerSampleNoise", "SOLVERS"]
 
 
 class PerSampleNoise:
@@ -70,7 +71,7 @@ class PerSampleNoise:
 
 def _noise_source(
     seed: int | Sequence[int] | Tensor | None, generator: torch.Generator | None, x: Tensor
-):  # type: ignore[no-untyped-def]
+) -> Callable[[Tensor], Tensor]:
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
     if seed is not None:
@@ -80,34 +81,65 @@ def _noise_source(
     )
 
 
-def _walk(ode: PFODE, x: Tensor, grid: list[float], record: bool, partial: bool, update) -> Outcome:  # type: ignore[no-untyped-def]
-    if grid[-1] > grid[0]:
-        raise ValueError("a stochastic sampler only runs downward (decreasing sigmas)")
+_SEED = Option(
+    "seed",
+    object,
+    None,
+    "an int, or one 64-bit key per sample (pflow.noise_keys): per-sample keyed noise",
+    allow_none=True,
+    batch_dim=0,
+)
+_GENERATOR = Option(
+    "generator", object, None, "a torch.Generator (batch-wide noise)", allow_none=True
+)
 
-    def step(x: Tensor, sigma: float, sigma_next: float) -> Tensor:
-        return update(ode.eval(x, sigma), sigma, sigma_next)
 
-    return walk(ode, x, grid, step, record=record, partial=partial)
+class _Ancestral(Solver):
+    """A stochastic step of the DDIM family: one evaluation, then noise. The noise source
+    lives in the state (``aux``), made once from ``seed`` or ``generator``."""
+
+    stochastic = True
+    directions = ("down",)
+
+    def init(self, ode: PFODE, x: Tensor, sigma: Any, options: dict[str, Any]) -> State:
+        return State(x, sigma, aux=_noise_source(options["seed"], options["generator"], x))
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Any, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        sigma = float(state.sigma)
+        ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
+        x = self.update(ev, sigma, float(sigma_next), options, state.aux)
+        return State(x, sigma_next, aux=state.aux)
+
+    def update(
+        self,
+        ev: Evaluation,
+        sigma: float,
+        sigma_next: float,
+        options: dict[str, Any],
+        draw: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        raise NotImplementedError
 
 
-def solve_ddim(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-    eta: float = 0.0,
-    seed: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> Outcome:
+class DDIM(_Ancestral):
     """DDIM with ``eta`` (eq. 12 and 16 of the DDIM paper); ``eta = 0`` is ``euler``."""
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    draw = _noise_source(seed, generator, x)
 
-    def update(ev, sigma: float, sigma_next: float) -> Tensor:  # type: ignore[no-untyped-def]
+    name = "ddim"
+    summary = "DDIM with eta (0: the ODE's Euler step; 1: DDPM posterior)"
+    ddim_options = {"eta": 0.0}
+    options = (
+        Option("eta", float, 0.0, "0: DDIM (the ODE); 1: DDPM's posterior noise", low=0.0),
+        _SEED,
+        _GENERATOR,
+    )
+
+    def draws_noise(self, options: dict[str, Any]) -> bool:
+        return options.get("eta", 0.0) > 0
+
+    def update(self, ev, sigma, sigma_next, options, draw):  # type: ignore[no-untyped-def]
+        eta = options["eta"]
         a, a_next = 1 / (1 + sigma * sigma), 1 / (1 + sigma_next * sigma_next)
         s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         direction = math.sqrt(max(1 - a_next - s * s, 0.0))
@@ -117,28 +149,26 @@ def solve_ddim(
             out.add_(draw(out), alpha=s)
         return out
 
-    return _walk(ode, x, grid, record, partial, update)
 
-
-def solve_ddpm(
-    ode: PFODE,
-    x: Tensor,
-    grid: list[float],
-    *,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
-    variance: str = "posterior",
-    seed: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> Outcome:
+class DDPM(_Ancestral):
     """DDPM ancestral sampling on any grid: the posterior mean given ``x0_hat`` plus noise
     of the posterior variance or the larger ``sigma_hat^2 = 1 - a / a'``."""
-    if variance not in ("posterior", "sigma_hat"):
-        raise ValueError(f"variance must be 'posterior' or 'sigma_hat', got {variance!r}")
-    draw = _noise_source(seed, generator, x)
 
-    def update(ev, sigma: float, sigma_next: float) -> Tensor:  # type: ignore[no-untyped-def]
+    name = "ddpm"
+    summary = "DDPM ancestral sampling (posterior or sigma_hat variance)"
+    options = (
+        Option(
+            "variance",
+            str,
+            "posterior",
+            "posterior variance, or the paper's larger sigma_hat^2",
+            choices=("posterior", "sigma_hat"),
+        ),
+        _SEED,
+        _GENERATOR,
+    )
+
+    def update(self, ev, sigma, sigma_next, options, draw):  # type: ignore[no-untyped-def]
         a, a_next = 1 / (1 + sigma * sigma), 1 / (1 + sigma_next * sigma_next)
         b = 1 - a / a_next
         c_x0 = math.sqrt(a_next) * b / (1 - a)
@@ -146,32 +176,9 @@ def solve_ddpm(
         out = ev.x0 * c_x0
         out.add_(ev.x, alpha=c_xt)
         if sigma_next > 0:
-            var = (1 - a_next) / (1 - a) * b if variance == "posterior" else b
+            var = (1 - a_next) / (1 - a) * b if options["variance"] == "posterior" else b
             out.add_(draw(out), alpha=math.sqrt(var))
         return out
 
-    return _walk(ode, x, grid, record, partial, update)
 
-
-register(
-    SolverSpec(
-        "ddim",
-        False,
-        1,
-        solve_ddim,
-        options=("eta", "seed", "generator"),
-        summary="DDIM with eta (0: the ODE's Euler step; 1: DDPM posterior)",
-        stochastic=True,
-    )
-)
-register(
-    SolverSpec(
-        "ddpm",
-        False,
-        1,
-        solve_ddpm,
-        options=("variance", "seed", "generator"),
-        summary="DDPM ancestral sampling (posterior or sigma_hat variance)",
-        stochastic=True,
-    )
-)
+SOLVERS = (DDIM(), DDPM())

@@ -1,0 +1,354 @@
+"""The step interface every solver implements (diffrax's ``AbstractSolver.step``, in the
+variables of the PF-ODE), its declared capabilities and its typed options.
+
+A solver is an object with
+
+- ``init(ode, x, sigma, options) -> State``: the state at the grid's first sigma
+  (a multistep history starts empty; a reversible solver takes its companion here);
+- ``step(ode, state, sigma_next, options, i, n) -> State``: one step from ``state.sigma``
+  to ``sigma_next``, the ``i``-th of a grid of ``n`` steps; an adaptive solver instead
+  offers ``attempt(ode, state, sigma_next, options) -> (State, ratio)`` with the
+  per-sample error ratio of its embedded estimate;
+- capabilities the driver (:mod:`pflow.solvers.driver`) and every plan over it read:
+  ``order``, ``nfe_per_step``, ``adaptive``, ``stochastic``, ``reversible``,
+  ``history``, ``last_steps``, ``directions``, ``per_sample``, ``differentiable``,
+  and its ``options`` with types, ranges and defaults.
+
+The driver owns everything else: the grid, the step into ``sigma = 0`` under
+``last_step="euler"``, the NFE budget and partial results, the trajectory, the NaN watch,
+batch chunks and rank shards. A step never sees any of those.
+
+Sigmas reach a step as Python floats (the fast path), as float64 tensors of shape
+``(batch,)`` (per-sample adaptive steps) or as 0-d float64 tensors that require grad (a
+grid being fitted by backpropagation). The helpers here (:func:`scale`, :func:`lincomb`,
+``exp``/``log``/``sqrt``/``expm1``) take any of the three, so one step serves them all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ode import PFODE, Evaluation
+
+__all__ = [
+    "Option",
+    "Solver",
+    "State",
+    "Sigma",
+    "lincomb",
+    "scale",
+    "exp",
+    "log",
+    "sqrt",
+    "expm1",
+]
+
+Sigma = float | Tensor
+
+# ---------------------------------------------------------------------------------- maths
+
+
+def scale(sigma: Sigma) -> Sigma:
+    """``C(sigma) = 1 / sqrt(1 + sigma^2) = sqrt(a)``: from ``xbar`` to the network's scale."""
+    if isinstance(sigma, Tensor):
+        return (1.0 + sigma * sigma).rsqrt()
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+def exp(v: Sigma) -> Sigma:
+    return torch.exp(v) if isinstance(v, Tensor) else math.exp(v)
+
+
+def log(v: Sigma) -> Sigma:
+    return torch.log(v) if isinstance(v, Tensor) else math.log(v)
+
+
+def sqrt(v: Sigma) -> Sigma:
+    return torch.sqrt(v) if isinstance(v, Tensor) else math.sqrt(v)
+
+
+def expm1(v: Sigma) -> Sigma:
+    return torch.expm1(v) if isinstance(v, Tensor) else math.expm1(v)
+
+
+def column(c: Tensor, like: Tensor) -> Tensor:
+    """A float64 coefficient tensor as something that multiplies ``like``: a 0-d tensor in
+    ``like``'s dtype, or one value per sample shaped ``(batch, 1, ..., 1)``."""
+    c = c.to(like.device)
+    if c.ndim == 1:
+        c = c.reshape((-1,) + (1,) * (like.ndim - 1))
+    return c.to(like.dtype)
+
+
+def lincomb(terms: Sequence[tuple[Sigma, Tensor]]) -> Tensor:
+    """``sum_j c_j * t_j``, a new tensor. Python-float coefficients (float64, the fast
+    path) are applied with ``add_(t, alpha=c)`` and skipped when zero after the first;
+    tensor coefficients (per-sample columns, or 0-d tensors in a graph) are multiplied
+    out of place so autograd sees every term."""
+    out: Tensor | None = None
+    for c, t in terms:
+        if isinstance(c, Tensor):
+            term = t * column(c, t)
+            out = term if out is None else out + term
+        elif out is None:
+            out = t * c
+        elif c != 0.0:
+            if out.requires_grad or t.requires_grad:
+                out = out + t * c
+            else:
+                out.add_(t, alpha=c)
+    assert out is not None, "lincomb needs at least one term"
+    return out
+
+
+# -------------------------------------------------------------------------------- options
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A typed solver option.
+
+    Attributes:
+        name: the keyword.
+        kind: ``bool``, ``int``, ``float``, ``str`` (one of ``choices``) or ``object``
+            (passed through: a generator, per-sample keys, a dict for a backend).
+        default: the value when not given.
+        doc: one line for listings and errors.
+        choices: the allowed values of a ``str`` option.
+        low, high: inclusive bounds of a number; ``low_open`` makes ``low`` exclusive.
+        allow_none: ``None`` is a valid value (e.g. ``first_step``: choose it).
+        batch_dim: the value holds one entry per sample along this dimension (per-sample
+            noise keys, a companion): batch chunks and rank shards slice it with the samples.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    doc: str = ""
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    allow_none: bool = False
+    batch_dim: int | None = None
+
+    def describe(self) -> str:
+        if self.choices:
+            what = " | ".join(map(str, self.choices))
+        elif self.kind is bool:
+            what = "true | false"
+        else:
+            what = self.kind.__name__
+            if self.low is not None or self.high is not None:
+                lo = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '<='} "
+                hi = "" if self.high is None else f" <= {self.high:g}"
+                what = f"{lo}{what}{hi}"
+        return f"{self.name}={what} (default {self.default!r})"
+
+    def parse(self, value: Any, solver: str) -> Any:
+        """``value`` (a Python value, or the text of ``name[key=value]``) checked and
+        converted to this option's type; the error names the solver, the option and what
+        it accepts."""
+
+        def bad(why: str = "") -> ValueError:
+            return ValueError(
+                f"solver {solver!r}: option {self.name} got {value!r}{why}; expected "
+                f"{self.describe()}"
+            )
+
+        if value is None:
+            if self.allow_none or self.default is None:
+                return None
+            raise bad()
+        text = value.strip() if isinstance(value, str) else None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            if text is not None and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise bad()
+        if self.kind is int:
+            if text is not None:
+                try:
+                    value = int(text)
+                except ValueError:
+                    raise bad() from None
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad()
+            return self._in_range(int(value), bad)
+        if self.kind is float:
+            if text is not None:
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise bad() from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad()
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad()
+            return self._in_range(value, bad)
+        if self.choices:
+            candidate = text if text is not None else value
+            if candidate not in self.choices:
+                raise bad()
+            return candidate
+        if text is not None and self.kind is object:
+            try:  # a seed written in a string
+                return int(text)
+            except ValueError:
+                raise bad(" (this option cannot be written in a string)") from None
+        return value
+
+    def _in_range(self, value: float, bad: Any) -> Any:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise bad()
+        if self.high is not None and value > self.high:
+            raise bad()
+        return value
+
+
+# ---------------------------------------------------------------------------------- state
+
+
+@dataclass
+class State:
+    """A solver's state at ``sigma``.
+
+    Attributes:
+        x: the ODE state in the network's scale (what the driver records and returns).
+        sigma: where it is (a float, or a tensor of per-sample sigmas).
+        ev: the evaluation a next step starts from, when already known (FSAL, or
+            UniPC's evaluation at its predictor); the driver's Euler step into 0 uses it.
+        history: a multistep method's memory, newest last (solver-defined entries).
+        aux: anything else the solver carries between steps (a companion, a noise source).
+    """
+
+    x: Tensor
+    sigma: Sigma
+    ev: Evaluation | None = None
+    history: tuple[Any, ...] = ()
+    aux: Any = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a fixed-grid step sits: the ``i``-th of ``n``; ``final`` when it lands on the
+    grid's end (no evaluation is worth making there)."""
+
+    i: int
+    n: int
+
+    @property
+    def final(self) -> bool:
+        return self.i == self.n - 1
+
+
+class Solver:
+    """Base class of pflow's solvers: capabilities as class attributes, one step as a
+    method. See the module docstring.
+
+    Attributes:
+        name: the name accepted by ``solver=``.
+        summary: one line for listings.
+        order: order of accuracy on a smooth problem.
+        nfe_per_step: network evaluations per step once started (adaptive: per attempt).
+        adaptive: chooses its own steps from ``rtol``/``atol`` (has ``attempt``).
+        stochastic: draws random noise; its endpoint is not the ODE's.
+        reversible: has an exact inverse step (a companion state; see ``alf``).
+        history: past evaluations a step uses (0 for single-step methods).
+        last_steps: the ``last_step`` modes it supports: ``"euler"`` (the driver's
+            Euler step into ``sigma = 0``) and, where the method can integrate into 0
+            itself, ``"solver"``.
+        last_step_note: why a mode is missing (the error says it).
+        directions: ``"down"`` (sampling, decode) and/or ``"up"`` (encode).
+        starts_at_zero: may start at ``sigma = 0`` (it never evaluates the network there).
+        per_sample: can step each sample at its own sigma (``per_sample=True``).
+        differentiable: takes 0-d float64 sigma tensors that require grad.
+        ddim_options: the options under which it is DDIM (first order), or ``None`` if it
+            does not claim to be DDIM there.
+        options: its typed options.
+        external: runs its own loop (another library's integrator): ``solve`` instead of
+            ``step``; the driver still validates, chunks, checks NaN and packages.
+    """
+
+    name: str = ""
+    summary: str = ""
+    order: int = 1
+    nfe_per_step: int = 1
+    adaptive: bool = False
+    stochastic: bool = False
+    reversible: bool = False
+    history: int = 0
+    last_steps: tuple[str, ...] = ("euler",)
+    last_step_note: str = ""
+    directions: tuple[str, ...] = ("down", "up")
+    starts_at_zero: bool = False
+    per_sample: bool = False
+    differentiable: bool = False
+    ddim_options: dict[str, Any] | None = None
+    options: tuple[Option, ...] = ()
+    external: bool = False
+
+    def init(self, ode: PFODE, x: Tensor, sigma: Sigma, options: dict[str, Any]) -> State:
+        """The state at the grid's first sigma."""
+        return State(x, sigma)
+
+    def step(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any], info: StepInfo
+    ) -> State:
+        """One step to ``sigma_next``."""
+        if self.adaptive:
+            return self.attempt(ode, state, sigma_next, options)[0]
+        raise NotImplementedError(f"{type(self).__name__}.step")
+
+    def attempt(
+        self, ode: PFODE, state: State, sigma_next: Sigma, options: dict[str, Any]
+    ) -> tuple[State, Tensor]:
+        """One trial step of an adaptive solver and its per-sample error ratio (accept
+        where ``<= 1``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not adaptive")
+
+    def draws_noise(self, options: dict[str, Any]) -> bool:
+        """Whether, with these options, the endpoint is random (not the ODE's)."""
+        return self.stochastic
+
+    def extras(self, state: State) -> dict[str, Any]:
+        """What the result carries beyond ``x`` (e.g. ``companion``)."""
+        return {}
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+    def __repr__(self) -> str:
+        return f"<solver {self.name}: order {self.order}, {self.summary}>"
+
+
+@dataclass
+class Outcome:
+    """What a solve hands back to the plan that asked for it."""
+
+    x: Tensor
+    sigmas: list[float]
+    n_accepted: int
+    n_rejected: int = 0
+    trajectory: list[Tensor] | None = None
+    finished: bool = True
+    message: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
