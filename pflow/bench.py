@@ -34,8 +34,7 @@ from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
 from .model import EpsModel
 from .noise import keyed_randn, noise_keys
 from .solve import sample
-from .solvers import get_solver
-from .solvers import parse_solver as _parse_solver
+from .solvers import Solver, parse_solver
 from .zoo.registry import BundledModel, load_model
 
 __all__ = ["BenchConfig", "Row", "run_bench", "format_table"]
@@ -177,16 +176,38 @@ def reference_endpoint(
     return x, res.nfe
 
 
-def parse_solver(label: str) -> tuple[str, dict[str, Any]]:
-    """``"ddim[eta=1]"`` -> ``("ddim", {"eta": 1.0})``: the solver's name and its options,
-    typed and checked against the solver's declared options (before any network call)."""
-    solver, options = _parse_solver(label)
-    return solver.name, options
+def check_label(
+    solver: Solver, options: dict[str, Any], label: str, *, sweep_tols: bool = True
+) -> None:
+    """What the bench (and ``pflow sample``) set themselves may not be in a label: a
+    stochastic solver's ``seed``/``generator`` (each sample's noise is keyed by its index,
+    see :func:`shard_options`) and, with ``sweep_tols``, an adaptive solver's
+    ``rtol``/``atol`` (the sweep sets rtol = atol from ``tols``)."""
+    if sweep_tols and solver.adaptive:
+        fixed = [k for k in ("rtol", "atol") if k in options]
+        if fixed:
+            raise ValueError(
+                f"solver {label!r}: rtol = atol are swept over the tolerances (tols, "
+                f"--tols); drop {' and '.join(fixed)} from the label"
+            )
+    if solver.stochastic:
+        keyed = [k for k in ("seed", "generator") if k in options]
+        if keyed:
+            raise ValueError(
+                f"solver {label!r}: each sample's noise is keyed by the seed (seed, --seed) "
+                f"and its index; drop {' and '.join(keyed)} from the label"
+            )
+
+
+def last_step_for(solver: Solver, wanted: str) -> str:
+    """The model's ``last_step`` where ``solver`` supports it, else ``"euler"`` (every
+    solver supports the Euler step into ``sigma = 0``)."""
+    return wanted if wanted in solver.last_steps else "euler"
 
 
 def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float | None, bool]]:
     for solver in config.solvers:
-        if get_solver(parse_solver(solver)[0]).adaptive:
+        if parse_solver(solver)[0].adaptive:
             for tol in config.tols:
                 yield solver, "adaptive", None, tol, False
         else:
@@ -207,14 +228,15 @@ def _auto_peers(bundle: BundledModel) -> list[str]:
     return list(diffusers_peers.PEERS) if eps_net and diffusers_peers.available() else []
 
 
-def _is_stochastic(label: str) -> bool:
-    solver, options = _parse_solver(label)
+def _draws_noise(label: str) -> bool:
+    """Whether the solver of ``label``, with its options, has a random endpoint."""
+    solver, options = parse_solver(label)
     return solver.draws_noise({**solver.defaults(), **options})
 
 
 def _validate(config: BenchConfig) -> None:
-    for solver in config.solvers:
-        parse_solver(solver)
+    for label in config.solvers:
+        check_label(*parse_solver(label), label)
     for n in config.steps:
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"steps must be integers >= 1, got {n!r}")
@@ -342,16 +364,16 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
             x, nfe = _run_peer(model, solver, noise, int(steps or 0), config.batch_size)
             n_rej = 0
         else:
-            kwargs: dict[str, Any] = {"last_step": bundle.last_step}
+            spec = parse_solver(solver)[0]
+            kwargs: dict[str, Any] = {"last_step": last_step_for(spec, bundle.last_step)}
             if tol is None:
                 kwargs.update(steps=steps, spacing=spacing)
             else:
                 kwargs.update(rtol=tol, atol=tol)
-            name, options = parse_solver(solver)
-            kwargs.update(options)
             keys = noise_keys(config.seed, indices)
-            kwargs.update(shard_options(name, world, keys, config.batch_size))
-            res = sample(model, noise, name, **kwargs)
+            kwargs.update(shard_options(solver, world, keys, config.batch_size))
+            # The label goes to sample() as written: it parses and applies its options.
+            res = sample(model, noise, solver, **kwargs)
             x, nfe, n_rej = res.x, res.nfe, res.n_rejected
         wall = world.max(time.perf_counter() - t0)
         gathered = world.gather(x, config.samples)
@@ -360,7 +382,7 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
         x = gathered
         metric, metric_name = distribution_metric(bundle, x)
         # A stochastic sampler's endpoint is not the ODE's: no trajectory error.
-        stochastic = not peer and _is_stochastic(solver)
+        stochastic = not peer and _draws_noise(solver)
         row = Row(
             solver,
             spacing,
@@ -392,13 +414,13 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
 
 
 def shard_options(
-    solver: str, world: World, keys: torch.Tensor, batch_size: int | None
+    solver: str | Solver, world: World, keys: torch.Tensor, batch_size: int | None
 ) -> dict[str, Any]:
-    """The ``sample()`` options with which a rank solves its shard: stochastic solvers
-    draw from the samples' ``keys``; adaptive ones on several ranks share their steps
-    through the process group and so solve the shard at once; others split it by
-    ``batch_size``."""
-    spec = get_solver(solver)
+    """The ``sample()`` options with which a rank solves its shard, read from the
+    capabilities of the solver of the label ``solver``: stochastic solvers draw from the
+    samples' ``keys``; adaptive ones on several ranks share their steps through the
+    process group and so solve the shard at once; others split it by ``batch_size``."""
+    spec = parse_solver(solver)[0]
     options: dict[str, Any] = {"seed": keys} if spec.stochastic else {}
     if spec.adaptive and world.size > 1:
         options["process_group"] = world.group

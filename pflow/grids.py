@@ -171,7 +171,16 @@ def validate_sigmas(
                 f"{name} leaves the schedule's range: positive entry {float(positive.min()):.6g} "
                 f"< sigma_min {schedule.sigma_min:.6g} (use 0 for the final denoising step)"
             )
-        grid = grid.clone()
-        grid[grid > schedule.sigma_max] = schedule.sigma_max
-        grid[(grid > 0) & (grid < schedule.sigma_min)] = schedule.sigma_min
+        snapped = grid.clone()
+        snapped[snapped > schedule.sigma_max] = schedule.sigma_max
+        snapped[(snapped > 0) & (snapped < schedule.sigma_min)] = schedule.sigma_min
+        diff = snapped[1:] - snapped[:-1]
+        if not ((diff < 0).all() or (diff > 0).all()):
+            bad = int(torch.nonzero(diff == 0)[0])
+            raise ValueError(
+                f"{name} entries {bad} and {bad + 1} ({float(grid[bad])!r} and "
+                f"{float(grid[bad + 1])!r}) both lie within {_RANGE_RTOL:g} (relative) of the "
+                "schedule's end and are snapped onto the same sigma; drop one of them"
+            )
+        grid = snapped
     return grid

@@ -167,7 +167,7 @@ def _check_capabilities(
         raise ValueError(
             f"solver {label!r} only runs downward (decreasing sigmas): it cannot {caller}"
         )
-    if direction == "up" and float(grid[0]) == 0.0 and not solver.starts_at_zero:
+    if caller == "encode" and float(grid[0]) == 0.0 and not solver.starts_at_zero:
         raise ValueError(
             "encoding starts at a positive sigma, but sigmas[0] is 0: the data enter as the "
             "state at the grid's first sigma and the network is not defined at 0 (with "
@@ -265,9 +265,10 @@ def run(
         n = len(value) if o.batch_dim == 0 else value.shape[o.batch_dim]
         if n != batch:
             raise ValueError(
-                f"{o.name} must hold one entry per sample ({batch}) along dimension "
-                f"{o.batch_dim}, got {n}"
+                f"{o.name} must hold one entry per sample: {batch} per-sample keys or values "
+                f"along dimension {o.batch_dim}, got {n}"
             )
+    fields = {f.name for f in dataclasses.fields(result)}  # type: ignore[arg-type]
     parts = []
     for start in range(0, batch, size):
         stop = start + size
@@ -303,8 +304,7 @@ def run(
                 trajectory=traj,
                 finished=out.finished,
                 message=out.message,
-                **out.extras,
-                **ode.extras(),
+                **{k: v for k, v in {**out.extras, **ode.extras()}.items() if k in fields},
             )
         )
     return parts[0] if len(parts) == 1 else _merge(parts, result)
@@ -422,6 +422,11 @@ def sample(
     Returns:
         A :class:`SolveResult`.
     """
+    if "companion" in solver_options:
+        raise TypeError(
+            "sample() does not take companion: a reversible solve that starts from one is "
+            "pflow.decode(), which also returns the companion at its end"
+        )
     return run(
         model,
         noise,

@@ -140,3 +140,14 @@ def test_grid_errors_name_the_argument():
         pflow.validate_sigmas([1.0, -1.0])
     with pytest.raises(ValueError, match="at least 2 entries"):
         pflow.validate_sigmas([1.0])
+
+
+def test_snapping_onto_the_range_never_repeats_a_sigma():
+    """Entries within the float32 slack of sigma_min are snapped onto it; two such entries
+    would become a repeated sigma (a zero step), which is an error naming both."""
+    s = pflow.NoiseSchedule.linear()
+    smin = s.sigma_min
+    with pytest.raises(ValueError, match="entries 1 and 2 .* snapped onto the same sigma"):
+        pflow.validate_sigmas([5.0, smin, smin * (1 - 1e-7)], schedule=s)
+    grid = pflow.validate_sigmas([5.0, smin * (1 - 1e-7), 0.0], schedule=s)
+    assert grid[1] == smin and (grid[1:] - grid[:-1] < 0).all()

@@ -86,7 +86,7 @@ def test_stochastic_samplers_draw_the_mixture(solver, kw):
 
 def test_stochastic_errors():
     x = torch.randn(2, 3)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a number >= 0"):
         pflow.sample(GMM, x, "ddim", steps=4, eta=-1.0)
     with pytest.raises(ValueError, match="variance must be"):
         pflow.sample(GMM, x, "ddpm", steps=4, variance="large")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..schedule import NoiseSchedule
 
-__all__ = ["PEERS", "available", "run_peer"]
+__all__ = ["PEERS", "available", "ddim_round_trip", "run_peer"]
 
 # name -> (scheduler class name, constructor options, NFE for N steps)
 PEERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,3 +85,41 @@ def run_peer(
             nfe += 1
             x = scheduler.step(eps, t, x).prev_sample
     return x, nfe
+
+
+def ddim_round_trip(
+    net: Callable[[Tensor, Tensor], Tensor],
+    schedule: NoiseSchedule,
+    prediction: str,
+    x0: Tensor,
+    steps: int,
+    spacing: str,
+) -> tuple[Tensor, int, int]:
+    """diffusers' ``DDIMInverseScheduler`` then ``DDIMScheduler`` on the same network, in
+    ``steps`` steps each with ``spacing`` (``"leading"`` or ``"trailing"``): encode ``x0``
+    and decode it back. Returns the decoded data and the network calls of each half."""
+    import diffusers
+
+    if spacing not in ("leading", "trailing"):
+        raise ValueError(f"--peers supports leading and trailing spacing, got {spacing!r}")
+    cfg = dict(
+        num_train_timesteps=schedule.num_train_timesteps,
+        trained_betas=_betas(schedule),
+        prediction_type=prediction,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing=spacing,
+    )
+    inverse: Any = diffusers.DDIMInverseScheduler(**cfg)
+    forward: Any = diffusers.DDIMScheduler(**cfg)
+    inverse.set_timesteps(steps)
+    forward.set_timesteps(steps)
+    x, calls = x0.clone(), [0, 0]
+    with torch.no_grad():
+        for half, sched in enumerate((inverse, forward)):
+            for t in sched.timesteps:
+                t_batch = torch.full((len(x),), int(t), dtype=x.dtype)
+                out = net(x, t_batch)
+                x = sched.step(out, t, x).prev_sample
+                calls[half] += 1
+    return x, calls[0], calls[1]

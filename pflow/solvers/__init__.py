@@ -8,6 +8,7 @@ against the solver's declared options (:func:`parse_solver`) before any network 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +135,7 @@ def parse_solver(label: str) -> tuple[Solver, dict[str, Any]]:
     for key, value in items:
         if key in options:
             raise ValueError(f"solver {label!r}: option {key} is given twice")
-        options[key] = _option(solver, key).parse(value, solver.name)
+        options[key] = _option(solver, key).parse(value, solver.name, text=True)
     return solver, options
 
 
@@ -170,11 +171,14 @@ def resolve_options(
     return out
 
 
-def _register_all() -> None:
-    from . import exponential, multistep, reversible, runge_kutta, stochastic
+# Solver families, one module each; a module lists its solvers in ``SOLVERS``. Adding a
+# family is one module and its name here.
+FAMILIES = ("runge_kutta", "exponential", "singlestep", "multistep", "stochastic", "reversible")
 
-    for module in (runge_kutta, exponential, multistep, stochastic, reversible):
-        for solver in module.SOLVERS:
+
+def _register_all() -> None:
+    for family in FAMILIES:
+        for solver in importlib.import_module(f"{__name__}.{family}").SOLVERS:
             register(solver)
 
 

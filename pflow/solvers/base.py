@@ -77,6 +77,11 @@ def expm1(v: Sigma) -> Sigma:
     return torch.expm1(v) if isinstance(v, Tensor) else math.expm1(v)
 
 
+def as_float(sigma: Sigma) -> float:
+    """A sigma as a Python float (detached from any graph)."""
+    return float(sigma.detach()) if isinstance(sigma, Tensor) else float(sigma)
+
+
 def column(c: Tensor, like: Tensor) -> Tensor:
     """A float64 coefficient tensor as something that multiplies ``like``: a 0-d tensor in
     ``like``'s dtype, or one value per sample shaped ``(batch, 1, ..., 1)``."""
@@ -124,7 +129,8 @@ class Option:
         default: the value when not given.
         doc: one line for listings and errors.
         choices: the allowed values of a ``str`` option.
-        low, high: inclusive bounds of a number; ``low_open`` makes ``low`` exclusive.
+        low, high: inclusive bounds of a number; ``low_open`` / ``high_open`` make them
+            exclusive.
         allow_none: ``None`` is a valid value (e.g. ``first_step``: choose it).
         batch_dim: the value holds one entry per sample along this dimension (per-sample
             noise keys, a companion): batch chunks and rank shards slice it with the samples.
@@ -138,85 +144,99 @@ class Option:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     allow_none: bool = False
     batch_dim: int | None = None
 
-    def describe(self) -> str:
+    def expected(self) -> str:
+        """What this option accepts, in words: ``True or False``, ``> 0``, ``one of ...``."""
         if self.choices:
-            what = " | ".join(map(str, self.choices))
-        elif self.kind is bool:
-            what = "true | false"
-        else:
-            what = self.kind.__name__
-            if self.low is not None or self.high is not None:
-                lo = "" if self.low is None else f"{self.low:g} {'<' if self.low_open else '<='} "
-                hi = "" if self.high is None else f" <= {self.high:g}"
-                what = f"{lo}{what}{hi}"
-        return f"{self.name}={what} (default {self.default!r})"
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.kind is bool:
+            return "True or False (true/false/1/0 in a label)"
+        if self.kind in (int, float):
+            what = "an integer" if self.kind is int else "a number"
+            if self.low is not None and self.high is not None:
+                left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+                return f"{what} in {left}{self.low:g}, {self.high:g}{right}"
+            if self.low is not None:
+                return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+            if self.high is not None:
+                return f"{what} {'<' if self.high_open else '<='} {self.high:g}"
+            return what
+        return self.doc or "a value"
 
-    def parse(self, value: Any, solver: str) -> Any:
-        """``value`` (a Python value, or the text of ``name[key=value]``) checked and
-        converted to this option's type; the error names the solver, the option and what
-        it accepts."""
+    def describe(self) -> str:
+        """``name: expected (default ...)`` for listings and errors."""
+        return f"{self.name}: {self.expected()} (default {self.default!r})"
 
-        def bad(why: str = "") -> ValueError:
-            return ValueError(
-                f"solver {solver!r}: option {self.name} got {value!r}{why}; expected "
-                f"{self.describe()}"
+    def parse(self, value: Any, solver: str, text: bool = False) -> Any:
+        """``value`` checked and converted to this option's type. ``text=True`` for the
+        text of a label (``name[key=value]``), which is converted (``"false"``, ``"1e-3"``);
+        a Python keyword must already have the type. A value of the wrong type is a
+        TypeError, one out of range a ValueError; both name the solver, the option and
+        what it accepts."""
+
+        def bad(error: type[Exception] = ValueError, why: str = "") -> Exception:
+            return error(
+                f"solver {solver!r}: {self.name} must be {self.expected()}{why}, got {value!r}"
             )
 
         if value is None:
             if self.allow_none or self.default is None:
                 return None
-            raise bad()
-        text = value.strip() if isinstance(value, str) else None
+            raise bad(TypeError)
+        if text and isinstance(value, str):
+            return self._from_text(value.strip(), bad)
         if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            if text is not None and text.lower() in _TRUE + _FALSE:
-                return text.lower() in _TRUE
-            raise bad()
+            if not isinstance(value, bool):
+                raise bad(TypeError)
+            return value
         if self.kind is int:
-            if text is not None:
-                try:
-                    value = int(text)
-                except ValueError:
-                    raise bad() from None
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad()
+                raise bad(TypeError)
             return self._in_range(int(value), bad)
         if self.kind is float:
-            if text is not None:
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise bad() from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise bad()
-            value = float(value)
+                raise bad(TypeError)
             if not math.isfinite(value):
                 raise bad()
-            return self._in_range(value, bad)
-        if self.choices:
-            candidate = text if text is not None else value
-            if candidate not in self.choices:
-                raise bad()
-            return candidate
-        if text is not None and self.kind is object:
-            try:  # a seed written in a string
-                return int(text)
-            except ValueError:
-                raise bad(" (this option cannot be written in a string)") from None
+            return self._in_range(float(value), bad)
+        if self.choices and value not in self.choices:
+            raise bad()
         return value
+
+    def _from_text(self, text: str, bad: Any) -> Any:
+        if self.kind is bool:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise bad()
+        if self.kind in (int, float):
+            try:
+                number = float(text) if self.kind is float else int(text)
+            except ValueError:
+                raise bad() from None
+            return self._checked(number, bad)
+        if self.choices:
+            if text not in self.choices:
+                raise bad()
+            return text
+        try:  # a seed written in a label
+            return int(text)
+        except ValueError:
+            raise bad(why=" (this option cannot be written in a label)") from None
+
+    def _checked(self, number: float, bad: Any) -> Any:
+        if not math.isfinite(number):
+            raise bad()
+        return self._in_range(number, bad)
 
     def _in_range(self, value: float, bad: Any) -> Any:
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             raise bad()
-        if self.high is not None and value > self.high:
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             raise bad()
         return value
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MaxNFEExceeded
-from .base import Outcome, Sigma, Solver, State, StepInfo, lincomb
+from .base import Outcome, Sigma, Solver, State, StepInfo, as_float, lincomb
 from .controller import PIGains, initial_step, pi_control, underflow
 from .ode import PFODE, Evaluation
 
@@ -42,7 +42,7 @@ def euler_into_zero(ode: PFODE, state: State) -> State:
 
 
 def _is_zero(sigma: Sigma) -> bool:
-    return float(sigma) == 0.0
+    return as_float(sigma) == 0.0
 
 
 def integrate(
@@ -101,7 +101,7 @@ class _Walk:
     """Visited sigmas, accepted/rejected steps, the trajectory, the last complete state."""
 
     def __init__(self, x: Tensor, sigma: Sigma, record: bool) -> None:
-        self.sigmas = [float(sigma)]
+        self.sigmas = [as_float(sigma)]
         self.trajectory = [x.clone()] if record else None
         self.last = State(x, sigma)
         self.n_rejected = 0
@@ -109,7 +109,7 @@ class _Walk:
 
     def visit(self, state: State, sigma: Sigma) -> None:
         self.last = state
-        self.sigmas.append(float(sigma))
+        self.sigmas.append(as_float(sigma))
         if self.trajectory is not None:
             self.trajectory.append(state.x.clone())
 

@@ -100,6 +100,9 @@ class _Ancestral(Solver):
 
     stochastic = True
     directions = ("down",)
+    last_step_note = (
+        "into sigma = 0 its update adds no noise and is x0_hat, the driver's Euler step"
+    )
 
     def init(self, ode: PFODE, x: Tensor, sigma: Any, options: dict[str, Any]) -> State:
         return State(x, sigma, aux=_noise_source(options["seed"], options["generator"], x))

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .likelihood import Divergence, bits_per_dim, log_likelihood
-from .zoo.registry import BundledModel, load_model
+from ..likelihood import Divergence, bits_per_dim, log_likelihood
+from ..zoo.registry import BundledModel, load_model
+from .args import positive_int
 
 __all__ = ["add_parsers"]
 
@@ -27,7 +28,7 @@ class _Dataset:
 
 
 def _digits(split: str) -> Tensor:
-    from .zoo.data import digits_data
+    from ..zoo.data import digits_data
 
     return digits_data(split)
 
@@ -46,13 +47,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_nll)
     p.add_argument("--model", default="digits", help="bundled model name (default %(default)s)")
     p.add_argument("--data", default="test", help="data split (default %(default)s)")
-    p.add_argument("--n", type=_positive_int, default=256, help="number of samples")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per solve")
+    p.add_argument("--n", type=positive_int, default=256, help="number of samples")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per solve")
     p.add_argument(
         "--hutchinson", action="store_true", help="Hutchinson trace estimate (default: exact)"
     )
-    p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes")
+    p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes")
     p.add_argument("--noise", choices=("rademacher", "gaussian"), default="rademacher")
+    # log_likelihood carries the divergence through these embedded Runge-Kutta pairs
+    # (pflow.likelihood); a fixed list of plain names, no backend is imported for it.
     p.add_argument("--solver", choices=("rk45", "bosh3"), default="rk45")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
@@ -62,16 +65,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate the density at the grid levels instead of uniformly dequantised data",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _load_data(bundled: BundledModel, split: str, n: int, seed: int) -> tuple[Tensor, str]:

@@ -27,16 +27,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cli_args import float_list
-from .grids import SPACINGS
-from .inversion import DDIM_INVERSE, decode, encode
-from .solvers import available_solvers, get_solver
-from .zoo.registry import BundledModel, load_model
+from ..grids import SPACINGS
+from ..inversion import DDIM_INVERSE, decode, encode
+from ..solvers import Solver
+from ..zoo.registry import BundledModel, load_model
+from .args import (
+    check_direction,
+    check_tolerances,
+    float_list,
+    label_list,
+    positive_int,
+    solver_label,
+)
 
 __all__ = ["add_parsers"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEFAULTS = {"solver": "euler", "steps": 10, "spacing": "trailing"}
+
+# Encode-only solvers and the solver that decodes their latents. This is a pairing, not a
+# capability: ``ddim_inverse`` is diffusers' DDIMInverseScheduler, whose latents diffusers
+# decodes with DDIMScheduler, which is ``euler`` on the mirrored grid (docs/inversion.md).
+# A solver's ``directions`` say that it cannot decode; only this table says what can.
+DECODE_PARTNERS = {DDIM_INVERSE: "euler"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +62,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_encode_cmd)
     e.add_argument("input", help="data: .png (image models), .npy or .pt")
     e.add_argument("--out", required=True, help="latent file: .pt or .npy")
-    _add_solve_options(e, available_solvers())
+    _add_solve_options(e, "a solver that runs up (default euler)")
 
     d = sub.add_parser(
         "decode",
@@ -60,7 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_decode_cmd)
     d.add_argument("latent", help="latent: .pt (from pflow encode) or .npy")
     d.add_argument("--out", required=True, help="data file: .png, .npy or .pt")
-    _add_solve_options(d, [n for n in available_solvers() if "down" in get_solver(n).directions])
+    _add_solve_options(d, "a solver that runs down (default: the latent's, else euler)")
 
     r = sub.add_parser(
         "roundtrip",
@@ -73,16 +86,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--model", default="digits", help="bundled model (default %(default)s)")
     r.add_argument(
         "--solvers",
-        type=_names(available_solvers(), "solver"),
+        type=label_list,
         default=["euler", "heun", "dpm_solver_2", "alf", DDIM_INVERSE],
-        help="comma-separated solver names (ddim_inverse: diffusers' DDIM inversion)",
+        help="comma-separated solver labels, with options in brackets "
+        "(ddim_inverse: diffusers' DDIM inversion)",
     )
     r.add_argument("--steps", type=_ints, default=[5, 10, 20, 50], help="comma-separated")
     r.add_argument(
         "--tols", type=float_list, default=[1e-3, 1e-5], help="rtol = atol of adaptive solvers"
     )
     r.add_argument("--spacing", choices=SPACINGS, default="trailing")
-    r.add_argument("--samples", type=_positive_int, default=100, help="number of data samples")
+    r.add_argument("--samples", type=positive_int, default=100, help="number of data samples")
     r.add_argument("--seed", type=int, default=0, help="seed of exact-model samples")
     r.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     r.add_argument(
@@ -94,10 +108,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default=None, help="folder for roundtrip.csv/.json/.png")
 
 
-def _add_solve_options(p: argparse.ArgumentParser, solvers: list[str]) -> None:
+def _add_solve_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--model", required=True, help="bundled model name or module:factory")
-    p.add_argument("--solver", choices=solvers, default=None)
-    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--solver", default=None, help=f"{what}; options in brackets: rk45[rtol=1e-3]")
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--spacing", choices=SPACINGS, default=None)
     p.add_argument("--rtol", type=float, default=None)
     p.add_argument("--atol", type=float, default=None)
@@ -105,35 +119,18 @@ def _add_solve_options(p: argparse.ArgumentParser, solvers: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _ints(text: str) -> list[int]:
-    return [_positive_int(v) for v in text.split(",") if v.strip()] or _bad(text)
+    return [positive_int(v) for v in text.split(",") if v.strip()] or _bad(text)
 
 
 def _bad(text: str) -> Any:
     raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
 
 
-def _names(known: list[str], what: str) -> Any:
-    def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
-        unknown = [n for n in names if n not in known]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(unknown) or repr(text)}; known: {', '.join(known)}"
-            )
-        return names
-
-    return parse
+def _decode_partner(label: str) -> str:
+    """The solver that decodes what ``label`` encodes: its pairing partner from
+    :data:`DECODE_PARTNERS`, else ``label`` itself."""
+    return DECODE_PARTNERS.get(label.partition("[")[0].strip(), label)
 
 
 # ---------------------------------------------------------------- files
@@ -227,13 +224,13 @@ def _companion_path(path: Path) -> Path:
 
 # ---------------------------------------------------------------- encode / decode
 def _encode_cmd(args: argparse.Namespace) -> int:
+    settings, _ = _settings(args, {}, "up")  # the solver is checked before any model loads
     dtype = _DTYPES[args.dtype]
     bundle = _bundle(args.model, dtype)
     out = Path(args.out)
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out must end in .pt or .npy, got {out.name!r}")
     x0 = _read_data(Path(args.input), bundle).to(dtype)
-    settings = _settings(args, {})
     t0 = time.perf_counter()
     res = encode(bundle.model, x0, **_solve_kwargs(settings))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +252,8 @@ def _encode_cmd(args: argparse.Namespace) -> int:
 
 
 def _decode_cmd(args: argparse.Namespace) -> int:
+    if args.solver is not None:  # checked before any model loads
+        _check_solver(args.solver, "down")
     dtype = _DTYPES[args.dtype]
     bundle = _bundle(args.model, dtype)
     src, out = Path(args.latent), Path(args.out)
@@ -271,8 +270,8 @@ def _decode_cmd(args: argparse.Namespace) -> int:
         stored = {
             k: record[k] for k in ("solver", "steps", "spacing", "rtol", "atol") if k in record
         }
-        if stored.get("solver") == DDIM_INVERSE:
-            stored["solver"] = "euler"  # diffusers decodes DDIM inversion with DDIM
+        if "solver" in stored:  # an encode-only solver's latents: decode with its partner
+            stored["solver"] = _decode_partner(stored["solver"])
         companion = record.get("companion")
     elif src.suffix == ".npy":
         z = torch.from_numpy(np.load(src, allow_pickle=False))
@@ -281,8 +280,8 @@ def _decode_cmd(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"latent must be a .pt or .npy file, got {src.name!r}")
     z = _batch(z, bundle.shape, "latent", bundle).to(dtype)
-    settings = _settings(args, stored)
-    if not get_solver(settings["solver"]).reversible:
+    settings, spec = _settings(args, stored, "down")
+    if not spec.reversible:
         companion = None
     elif companion is not None and companion.ndim == z.ndim:  # one sample, stored unbatched
         companion = companion.unsqueeze(1)
@@ -306,22 +305,44 @@ def _decode_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, Any]:
-    """Command line first, then what the latent file stored, then the defaults."""
+def _check_solver(label: str, direction: str) -> tuple[Solver, dict[str, Any]]:
+    """The solver of ``--solver`` and its label's options; a one-line error for a bad
+    label or a solver that cannot run ``direction`` (``"up"``: encode, ``"down"``:
+    decode), naming the partner that decodes an encode-only solver's latents."""
+    command = "encode" if direction == "up" else "decode"
+    spec, options = solver_label(label, "--solver")
+    partner = _decode_partner(label)
+    if direction == "down" and "down" not in spec.directions and partner != label:
+        raise ValueError(
+            f"argument --solver: solver {label!r} only encodes; decode its latents with "
+            f"--solver {partner}"
+        )
+    check_direction(spec, label, direction, "--solver", command)
+    return spec, options
+
+
+def _settings(
+    args: argparse.Namespace, stored: dict[str, Any], direction: str
+) -> tuple[dict[str, Any], Solver]:
+    """Command line first, then what the latent file stored, then the defaults; and the
+    solver they name. Tolerances written in the solver's label are not repeated here
+    (one given both there and as ``--rtol``/``--atol`` is an error naming both)."""
     settings: dict[str, Any] = {}
     for key in ("solver", "steps", "spacing", "rtol", "atol"):
         given = getattr(args, key)
         settings[key] = given if given is not None else stored.get(key, _DEFAULTS.get(key))
-    if _adaptive(settings["solver"]):
+    label = settings["solver"]
+    spec, options = _check_solver(label, direction)
+    if spec.adaptive:
         settings["steps"] = None
+        where = "--solver" if args.solver is not None else "the latent's solver"
+        check_tolerances(spec, options, label, where, rtol=args.rtol, atol=args.atol)
+        for key in ("rtol", "atol"):
+            if key in options:
+                settings[key] = None  # the label's, not a stored one
     else:
         settings["rtol"] = settings["atol"] = None
-    return settings
-
-
-def _adaptive(name: str) -> bool:
-    """Whether ``name`` takes tolerances rather than steps."""
-    return name != DDIM_INVERSE and get_solver(name).adaptive
+    return settings, spec
 
 
 def _solve_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +351,10 @@ def _solve_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _describe(settings: dict[str, Any]) -> str:
     if settings["steps"] is None:
-        rtol, atol = settings["rtol"] or 1e-5, settings["atol"] or 1e-5
+        spec, options = solver_label(settings["solver"], "--solver")
+        values = {**spec.defaults(), **options}
+        rtol = settings["rtol"] or values.get("rtol") or 1e-5
+        atol = settings["atol"] or values.get("atol") or 1e-5
         return f"{settings['solver']} (rtol={rtol:g}, atol={atol:g})"
     return f"{settings['solver']}, {settings['steps']} {settings['spacing']} steps"
 
@@ -360,14 +384,14 @@ def _held_out(bundle: BundledModel, n: int, seed: int) -> tuple[Tensor, str]:
         x = bundle.exact.sample(n, generator=g).reshape(n, *bundle.shape)
         return x, "exact samples"
     if bundle.name == "digits":
-        from .zoo.data import digits_data
+        from ..zoo.data import digits_data
 
         x = digits_data("test")
         if n > len(x):
             raise ValueError(f"--samples {n} exceeds the {len(x)} held-out test digits")
         return x[:n], "held-out test digits"
     if bundle.name == "moons":
-        from .zoo.data import moons_data
+        from ..zoo.data import moons_data
 
         # Training drew seed 0 and evaluation seed 10000; 12345 + seed is held out.
         return moons_data(n, seed=12345 + seed), "held-out two-moons points"
@@ -391,24 +415,21 @@ def round_trip(
     spacing: str = "trailing",
 ) -> tuple[Tensor, int, int]:
     """Encode ``x0`` and decode it back on the same grid; ``(x, nfe_encode, nfe_decode)``.
-    ``ddim_inverse`` decodes with ``euler`` (diffusers' DDIMScheduler); ``alf`` hands its
-    companion over."""
+    An encode-only solver decodes with its partner (``ddim_inverse`` with ``euler``,
+    diffusers' DDIMScheduler; see :data:`DECODE_PARTNERS`); a reversible one (``alf``)
+    hands its companion over."""
     kw: dict[str, Any] = (
         {"rtol": tol, "atol": tol} if tol is not None else {"steps": steps, "spacing": spacing}
     )
     enc = encode(bundle.model, x0, solver, **kw)
-    back = "euler" if solver == DDIM_INVERSE else solver
-    dec = decode(bundle.model, enc.x, back, companion=enc.companion, **kw)
+    dec = decode(bundle.model, enc.x, _decode_partner(solver), companion=enc.companion, **kw)
     return dec.x, enc.nfe, dec.nfe
 
 
-def _peer_round_trip(
-    bundle: BundledModel, x0: Tensor, steps: int, spacing: str
-) -> tuple[Tensor, int, int]:
-    """diffusers' DDIMInverseScheduler then DDIMScheduler on the same network."""
-    import diffusers
-
-    from .integrations.diffusers_peers import _betas
+def _peer_net(bundle: BundledModel, spacing: str) -> Any:
+    """The network that ``--peers`` drives with diffusers' schedulers (checked before any
+    row runs)."""
+    from ..integrations import diffusers_peers
 
     model: Any = bundle.model
     net = getattr(model, "net", None)
@@ -416,35 +437,45 @@ def _peer_round_trip(
         raise ValueError(f"--peers needs a network model (EpsModel); {bundle.name!r} is not one")
     if spacing not in ("leading", "trailing"):
         raise ValueError(f"--peers supports leading and trailing spacing, got {spacing!r}")
-    cfg = dict(
-        num_train_timesteps=model.schedule.num_train_timesteps,
-        trained_betas=_betas(model.schedule),
-        prediction_type=model.prediction,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing=spacing,
-    )
-    inverse: Any = diffusers.DDIMInverseScheduler(**cfg)
-    forward: Any = diffusers.DDIMScheduler(**cfg)
-    inverse.set_timesteps(steps)
-    forward.set_timesteps(steps)
-    x, n_enc, n_dec = x0.clone(), 0, 0
-    with torch.no_grad():
-        for sched, counter in ((inverse, "enc"), (forward, "dec")):
-            for t in sched.timesteps:
-                t_batch = torch.full((len(x),), int(t), dtype=x.dtype)
-                out = net(x, t_batch)
-                x = sched.step(out, t, x).prev_sample
-                if counter == "enc":
-                    n_enc += 1
-                else:
-                    n_dec += 1
-    return x, n_enc, n_dec
+    if not diffusers_peers.available():
+        raise ValueError("--peers needs diffusers installed (pip install diffusers)")
+    return net
+
+
+def _peer_round_trip(
+    bundle: BundledModel, x0: Tensor, steps: int, spacing: str
+) -> tuple[Tensor, int, int]:
+    """diffusers' DDIMInverseScheduler then DDIMScheduler on the same network
+    (:func:`pflow.integrations.diffusers_peers.ddim_round_trip`)."""
+    from ..integrations.diffusers_peers import ddim_round_trip
+
+    net = _peer_net(bundle, spacing)
+    model: Any = bundle.model
+    return ddim_round_trip(net, model.schedule, model.prediction, x0, steps, spacing)
 
 
 def _roundtrip_cmd(args: argparse.Namespace) -> int:
+    from ..bench import check_label
+
+    # Every label is checked before a model is loaded: it encodes, its partner decodes,
+    # and an adaptive one leaves rtol = atol to --tols.
+    adaptive: dict[str, bool] = {}
+    for label in args.solvers:
+        spec, options = solver_label(label, "--solvers")
+        check_direction(spec, label, "up", "--solvers", "roundtrip")
+        partner = _decode_partner(label)
+        if partner != label:
+            check_direction(
+                solver_label(partner, "--solvers")[0], partner, "down", "--solvers", "roundtrip"
+            )
+        else:
+            check_direction(spec, label, "down", "--solvers", "roundtrip")
+        check_label(spec, options, label)
+        adaptive[label] = spec.adaptive
     dtype = _DTYPES[args.dtype]
     bundle = _bundle(args.model, dtype)
+    if args.peers:
+        _peer_net(bundle, args.spacing)
     x0, source = _held_out(bundle, args.samples, args.seed)
     x0 = x0.to(dtype)
     peak = float(x0.max() - x0.min())
@@ -454,7 +485,7 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
     )
     jobs: list[tuple[str, str, dict[str, Any]]] = []
     for solver in args.solvers:
-        if _adaptive(solver):
+        if adaptive[solver]:
             jobs += [(solver, f"tol {t:g}", {"tol": t}) for t in args.tols]
         else:
             jobs += [
@@ -520,6 +551,11 @@ def _write_rows(rows: list[RoundTripRow], out: Path) -> None:
         w.writerows(records)
 
 
+def _diffusers_pair(solver: str) -> bool:
+    """A row of diffusers' own schedulers, or of a solver paired as they are (dashed)."""
+    return solver.startswith("diffusers:") or _decode_partner(solver) != solver
+
+
 def plot_rows(rows: list[RoundTripRow], path: Path, *, title: str = "") -> None:
     """Round-trip RMSE (log) and PSNR against the round trip's NFE, one line per solver.
     Errors below 1e-12 (exact inversion: round-off or bit-exact) are drawn on that floor
@@ -533,7 +569,7 @@ def plot_rows(rows: list[RoundTripRow], path: Path, *, title: str = "") -> None:
     fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for solver in dict.fromkeys(r.solver for r in rows):
         pts = sorted((r.nfe, r.rmse, r.psnr) for r in rows if r.solver == solver)
-        style = "--o" if solver.startswith("diffusers") or solver == DDIM_INVERSE else "-o"
+        style = "--o" if _diffusers_pair(solver) else "-o"
         nfe = [p[0] for p in pts]
         ax_r.plot(nfe, [max(p[1], floor) for p in pts], style, ms=3.5, label=solver)
         ax_p.plot(nfe, [min(p[2], cap) for p in pts], style, ms=3.5, label=solver)
