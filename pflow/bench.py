@@ -420,7 +420,7 @@ def shard_options(
     capabilities of the solver of the label ``solver``: stochastic solvers draw from the
     samples' ``keys``; adaptive ones on several ranks share their steps through the
     process group and so solve the shard at once; others split it by ``batch_size``."""
-    spec = parse_solver(solver)[0]
+    spec = parse_solver(solver)[0]  # type: ignore[arg-type]  # a Solver passes through
     options: dict[str, Any] = {"seed": keys} if spec.stochastic else {}
     if spec.adaptive and world.size > 1:
         options["process_group"] = world.group

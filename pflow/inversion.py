@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from .model import ODEModel
-from .solve import LastStep, SolveResult, run
+from .solve import LastStep, SolveResult, plan_args, run
 from .solvers import get_solver, parse_solver
 from .solvers.reversible import companion_shape
 
@@ -144,22 +144,9 @@ def encode(
         direction="up",
         name="x0",
         caller="encode",
-        steps=steps,
-        spacing=spacing,
-        sigmas=sigmas,
-        rtol=rtol,
-        atol=atol,
-        max_nfe=max_nfe,
-        return_trajectory=return_trajectory,
-        return_partial=return_partial,
-        check_finite=check_finite,
-        steps_offset=steps_offset,
-        set_alpha_to_one=set_alpha_to_one,
-        rho=rho,
-        batch_size=batch_size,
-        process_group=process_group,
         solver_options=solver_options,
         result=InversionResult,
+        **plan_args(locals()),
     )
     assert isinstance(res, InversionResult)
     return res
@@ -217,23 +204,9 @@ def decode(
         direction="down",
         name="z",
         caller="decode",
-        steps=steps,
-        spacing=spacing,
-        sigmas=sigmas,
-        rtol=rtol,
-        atol=atol,
-        max_nfe=max_nfe,
-        last_step=last_step,
-        return_trajectory=return_trajectory,
-        return_partial=return_partial,
-        check_finite=check_finite,
-        steps_offset=steps_offset,
-        set_alpha_to_one=set_alpha_to_one,
-        rho=rho,
-        batch_size=batch_size,
-        process_group=process_group,
         solver_options=solver_options,
         result=InversionResult,
+        **plan_args(locals()),
     )
     assert isinstance(res, InversionResult)
     return res

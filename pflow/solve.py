@@ -28,7 +28,7 @@ from .schedule import NoiseSchedule
 from .solvers import PFODE, Solver, parse_solver, resolve_options
 from .solvers.driver import integrate
 
-__all__ = ["SolveResult", "sample", "run"]
+__all__ = ["SolveResult", "sample", "run", "plan_args"]
 
 LastStep = Literal["euler", "solver"]
 Direction = Literal["down", "up"]
@@ -310,6 +310,19 @@ def run(
     return parts[0] if len(parts) == 1 else _merge(parts, result)
 
 
+#: The keywords every entry point passes to :func:`run` unchanged.
+PLAN_ARGS = (
+    "steps", "spacing", "sigmas", "rtol", "atol", "max_nfe", "last_step", "return_trajectory",
+    "return_partial", "check_finite", "steps_offset", "set_alpha_to_one", "rho", "batch_size",
+    "process_group",
+)  # fmt: skip
+
+
+def plan_args(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The entry point's own arguments (``locals()``) that :func:`run` takes."""
+    return {k: arguments[k] for k in PLAN_ARGS if k in arguments}
+
+
 def _differentiable() -> list[str]:
     from .solvers import _REGISTRY
 
@@ -427,24 +440,4 @@ def sample(
             "sample() does not take companion: a reversible solve that starts from one is "
             "pflow.decode(), which also returns the companion at its end"
         )
-    return run(
-        model,
-        noise,
-        solver,
-        steps=steps,
-        spacing=spacing,
-        sigmas=sigmas,
-        rtol=rtol,
-        atol=atol,
-        max_nfe=max_nfe,
-        last_step=last_step,
-        return_trajectory=return_trajectory,
-        return_partial=return_partial,
-        check_finite=check_finite,
-        steps_offset=steps_offset,
-        set_alpha_to_one=set_alpha_to_one,
-        rho=rho,
-        batch_size=batch_size,
-        process_group=process_group,
-        solver_options=solver_options,
-    )
+    return run(model, noise, solver, solver_options=solver_options, **plan_args(locals()))

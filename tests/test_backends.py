@@ -53,11 +53,12 @@ def test_backend_agrees_with_rk45_and_reference(problem, solver):
     # Both converge to the same endpoint; 1e-10 tolerances leave errors of 1e-11 to 1e-10.
     assert rms(res.x - ours.x) < 1e-9
     assert rms(res.x - ref[-1]) < 1e-9
-    # The grid points are passed through and recorded there.
-    assert res.sigmas.tolist() == GRID.tolist()
-    assert res.trajectory is not None and res.trajectory.shape == (3, *noise.shape)
-    for row, want in zip(res.trajectory, ref):
-        assert rms(row - want) < 1e-8
+    # Every accepted step's end is visited and recorded, the grid points among them.
+    visited = res.sigmas.tolist()
+    assert set(GRID.tolist()) <= set(visited) and res.n_accepted == len(visited) - 1 > 2
+    assert res.trajectory is not None and res.trajectory.shape == (len(visited), *noise.shape)
+    for sigma, want in zip(GRID.tolist(), ref):
+        assert rms(res.trajectory[visited.index(sigma)] - want) < 1e-8
     assert torch.equal(res.trajectory[-1], res.x)
     # NFE is what the model saw, and every evaluation stays inside the grid's range.
     assert res.nfe == counting.calls > 0
@@ -103,7 +104,8 @@ def test_last_step_into_zero_is_one_euler_step(problem, solver):
     kw = {} if solver.endswith("rk4") else {"rtol": 1e-6, "atol": 1e-6}
     counting = Counting(gmm)
     res = pflow.sample(counting, noise, solver, sigmas=grid, return_trajectory=True, **kw)
-    assert res.trajectory is not None and res.sigmas.tolist() == grid.tolist()
+    assert res.trajectory is not None and res.sigmas[-2:].tolist() == grid[-2:].tolist()
+    assert set(grid.tolist()) <= set(res.sigmas.tolist())
     # x0_hat of one evaluation at the last positive sigma, and the model never saw sigma < 0.1
     expected = pflow.sample(gmm, res.trajectory[-2], "euler", sigmas=grid[1:]).x
     assert (res.x - expected).abs().max() < 1e-13
@@ -137,6 +139,7 @@ def test_options_pass_through(problem):
     # torchdiffeq's fixed-grid methods take step_size: 4 rk4 steps of 5 between 20 and 0.1
     fixed = pflow.sample(gmm, noise, "torchdiffeq:rk4", sigmas=grid, options={"step_size": 5.0})
     assert fixed.n_accepted == 4 and fixed.nfe == 16
+    assert fixed.sigmas.tolist() == [SIGMA_HI, 15.0, 10.0, 5.0, SIGMA_LO]  # the steps taken
     free = pflow.sample(gmm, noise, "scipy:RK45", sigmas=grid, **tol)
     capped = pflow.sample(gmm, noise, "scipy:RK45", sigmas=grid, options={"max_step": 0.5}, **tol)
     assert capped.n_accepted >= 40 > free.n_accepted
@@ -235,3 +238,117 @@ def test_backend_nan_and_budget(solver):
     res = pflow.sample(gmm, x, solver, rtol=1e-10, atol=1e-10, max_nfe=40, return_partial=True)
     assert not res.finished and res.nfe <= 40 and "max_nfe" in res.message
     assert res.sigmas[-1] < res.sigmas[0] and torch.isfinite(res.x).all()
+
+
+# Every accepted step visited; partial results at the last visited point; nfe_per_step.
+
+VISIT_GRID = torch.exp(torch.linspace(3.0, -2.3, 7, dtype=torch.float64))  # 20.1 to 0.1
+
+
+@pytest.mark.parametrize(
+    "solver", ["torchdiffeq:dopri5", "torchdiffeq:bosh3", "scipy:RK45", "scipy:Radau"]
+)
+def test_adaptive_backend_visits_every_accepted_step(problem, solver):
+    """``sigmas`` are every accepted step's end (the grid points among them), as for pflow's
+    own adaptive solvers; the trajectory holds the state at each, only when asked for."""
+    gmm, noise, _ = problem
+    grid = torch.cat([VISIT_GRID, torch.zeros(1, dtype=torch.float64)])
+    res = pflow.sample(
+        gmm, noise, solver, sigmas=grid, rtol=1e-5, atol=1e-5, return_trajectory=True
+    )
+    visited = res.sigmas.tolist()
+    assert set(grid.tolist()) <= set(visited) and len(visited) > len(grid)
+    assert bool((res.sigmas.diff() < 0).all()), visited
+    assert res.n_accepted == len(visited) - 1  # the Euler step into 0 included
+    assert res.trajectory.shape == (len(visited), *noise.shape)
+    assert torch.equal(res.trajectory[0], noise) and torch.equal(res.trajectory[-1], res.x)
+    # The state at each visited sigma: the next step from it (to the next visited sigma, by
+    # the reference) lands near the next recorded state, within the tolerance.
+    for i in (1, len(visited) // 2, len(visited) - 3):
+        a, b = visited[i], visited[i + 1]
+        want = x_of(scipy_reference(gmm, xbar_of(res.trajectory[i], a), a, b), b)
+        assert rms(res.trajectory[i + 1] - want) < 1e-4, (i, a, b)
+    bare = pflow.sample(gmm, noise, solver, sigmas=grid, rtol=1e-5, atol=1e-5)
+    assert bare.trajectory is None and torch.equal(bare.sigmas, res.sigmas)
+    assert torch.equal(bare.x, res.x) and bare.n_accepted == res.n_accepted
+
+
+@pytest.mark.parametrize(
+    "solver", ["torchdiffeq:euler", "torchdiffeq:rk4", "torchdiffeq:dopri5", "scipy:RK45"]
+)
+def test_partial_backend_result_is_the_last_visited_point(problem, solver):
+    """With ``max_nfe`` used up inside the library, the result is the last point the solve
+    visited, and ``sigmas``/``trajectory`` the points visited so far: a prefix of the full
+    solve's (the grid's, for a fixed-grid method)."""
+    gmm, noise, _ = problem
+    kw = {"rtol": 1e-5, "atol": 1e-5} if get_solver(solver).adaptive else {}
+    full = pflow.sample(gmm, noise, solver, sigmas=VISIT_GRID, return_trajectory=True, **kw)
+    for budget in (1, full.nfe // 3, full.nfe // 2, full.nfe - 1):
+        res = pflow.sample(
+            gmm,
+            noise,
+            solver,
+            sigmas=VISIT_GRID,
+            max_nfe=budget,
+            return_partial=True,
+            return_trajectory=True,
+            **kw,
+        )
+        assert not res.finished and res.nfe <= budget and "max_nfe" in res.message
+        k = len(res.sigmas)
+        assert 1 <= k < len(full.sigmas) and res.n_accepted == k - 1
+        assert torch.equal(res.sigmas, full.sigmas[:k]), (budget, res.sigmas)
+        if not kw:
+            assert torch.equal(res.sigmas, VISIT_GRID[:k])
+        assert torch.equal(res.x, full.trajectory[k - 1]), budget
+        assert torch.equal(res.trajectory, full.trajectory[:k])
+    # the repro of the bug: Euler with 3 evaluations reaches the fourth grid point
+    res = pflow.sample(
+        gmm, noise, "torchdiffeq:euler", sigmas=VISIT_GRID, max_nfe=3, return_partial=True
+    )
+    assert torch.equal(res.sigmas, VISIT_GRID[:4]) and res.trajectory is None
+
+
+NFE_PER_STEP = {
+    "torchdiffeq:euler": 1,
+    "torchdiffeq:midpoint": 2,
+    "torchdiffeq:heun2": 2,
+    "torchdiffeq:heun3": 3,
+    "torchdiffeq:rk4": 4,
+    "torchdiffeq:explicit_adams": 1,
+    "torchdiffeq:implicit_adams": 2,
+    "torchdiffeq:adaptive_heun": 1,
+    "torchdiffeq:fehlberg2": 2,
+    "torchdiffeq:bosh3": 3,
+    "torchdiffeq:dopri5": 6,
+    "torchdiffeq:dopri8": 13,
+    "scipy:RK23": 3,
+    "scipy:RK45": 6,
+    "scipy:DOP853": 12,
+    "scipy:Radau": 3,
+    "scipy:BDF": 1,
+    "scipy:LSODA": 1,
+}
+
+
+def test_nfe_per_step_is_declared_for_every_backend_method():
+    backends = [n for n in pflow.available_solvers() if ":" in n]
+    assert sorted(backends) == sorted(NFE_PER_STEP)
+    for name, nfe in NFE_PER_STEP.items():
+        assert get_solver(name).nfe_per_step == nfe, name
+
+
+@pytest.mark.parametrize(
+    "solver", [n for n in NFE_PER_STEP if n.startswith("torchdiffeq:") and "adams" not in n]
+)
+def test_nfe_per_step_is_what_torchdiffeq_spends(problem, solver):
+    """Fixed grid: ``nfe_per_step`` per step. Adaptive: one evaluation at the start, one for
+    the initial-step probe, then ``nfe_per_step`` per attempt."""
+    gmm, noise, _ = problem
+    spec = get_solver(solver)
+    if spec.adaptive:
+        res = pflow.sample(gmm, noise[:2], solver, sigmas=VISIT_GRID, rtol=1e-3, atol=1e-3)
+        assert res.nfe == 2 + spec.nfe_per_step * (res.n_accepted + res.n_rejected)
+    else:
+        res = pflow.sample(gmm, noise[:2], solver, sigmas=VISIT_GRID)
+        assert res.nfe == spec.nfe_per_step * (len(VISIT_GRID) - 1)

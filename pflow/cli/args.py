@@ -141,11 +141,11 @@ def check_direction(solver: Any, label: str, direction: str, flag: str, command:
 
 def check_tolerances(
     solver: Any, options: dict[str, Any], label: str, flag: str, **given: float | None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The tolerance keywords to pass on: those given on the command line (``--rtol``,
     ``--atol``), never one the user did not give. One given both in the label and as a
     flag is an error naming both."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for key, value in given.items():
         if value is None:
             continue

@@ -27,9 +27,19 @@ to it before each evaluation, ``eps`` cast back), and the result is cast back to
 **Grid points.** The integration passes through every point of ``grid``: torchdiffeq's
 adaptive methods are told to step onto them (``step_t``; they would otherwise step past the
 last point and interpolate back, evaluating the network beyond the grid), its fixed-grid
-methods take one step per interval unless given ``step_size``, and scipy's solvers run
-interval by interval (each interval a fresh solver, costing one evaluation at its start and
-one for scipy's initial-step probe). The trajectory is recorded at the grid points.
+methods take one step per interval unless given ``step_size`` (then steps of that size from
+``grid[0]``, as torchdiffeq makes them, and the inner grid points are not stepped onto), and
+scipy's solvers run interval by interval (each interval a fresh solver, costing one
+evaluation at its start and one for scipy's initial-step probe).
+
+**Visited sigmas.** As for pflow's own solvers, ``sigmas`` are every point the state visited:
+the end of every accepted step, the grid points among them, recorded as the library goes
+(scipy: after each ``solver.step()``; torchdiffeq: through its step callbacks, where an
+accepted step ends where the next attempt starts, and the last at the end of the grid), so
+that ``n_accepted == len(sigmas) - 1``. ``return_trajectory`` keeps the state (network
+scale, input dtype) at each of them; without it no state is kept but the latest. When
+``max_nfe`` runs out inside the library, the result is the last visited point and
+``sigmas`` the points visited until then.
 
 **The step into sigma = 0** is one Euler step by default (``last_step="euler"``), as for
 every pflow solver: ``x_next = x0_hat`` of one evaluation at the last positive sigma (one
@@ -39,6 +49,11 @@ NFE; neither library hands back its last derivative).
 the library. Accepted/rejected steps come from torchdiffeq's step callbacks; scipy does not
 report rejections, so for its explicit Runge-Kutta methods they are inferred from its own
 evaluation count (``n_stages`` per attempt) and reported as 0 for the implicit ones.
+``nfe_per_step`` (evaluations per step, per attempt for the adaptive ones) is the library's
+own number where it has one: the stages a torchdiffeq tableau evaluates per attempt
+(``len(tableau.alpha)``; its first stage is the previous step's last, at that step's end),
+scipy's ``n_stages``; else a documented table (:data:`_TORCHDIFFEQ_FIXED_NFE`,
+:data:`_SCIPY_IMPLICIT_NFE`).
 """
 
 from __future__ import annotations
@@ -80,6 +95,24 @@ SCIPY_METHODS: dict[str, int] = {
 # wrapper around scipy (use the scipy backend instead).
 _TORCHDIFFEQ_SKIP = ("fixed_adams", "scipy_solver")
 _TORCHDIFFEQ_DEFAULT_TOL = (1e-7, 1e-9)  # odeint's own defaults, for fixed-grid methods
+# Evaluations per step of torchdiffeq's fixed-grid methods, whose stages are written out in
+# their step functions (torchdiffeq/_impl/fixed_grid.py, fixed_adams.py) rather than kept
+# in a tableau. The Adams methods once started (their first steps are RK4's): the
+# explicit one evaluates at the step's start only; the implicit one adds one corrector
+# evaluation per iteration, 1 to ``max_iters`` (4) of them, so 2 is its least.
+_TORCHDIFFEQ_FIXED_NFE: dict[str, int] = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "explicit_adams": 1,
+    "implicit_adams": 2,
+}
+# scipy's implicit methods evaluate per Newton iteration (a step takes one or more): Radau
+# at its 3 collocation points, BDF at the new point; LSODA (Adams or BDF, chosen by
+# ODEPACK) once per corrector iteration.
+_SCIPY_IMPLICIT_NFE: dict[str, int] = {"Radau": 3, "BDF": 1, "LSODA": 1}
 
 
 # ----------------------------------------------------------------------------- shared
@@ -136,69 +169,78 @@ def _per_sample_rms_max(ratio: Tensor) -> Tensor:
     return ratio.reshape(ratio.shape[0], -1).pow(2).mean(dim=1).sqrt().max()
 
 
+class _Visits:
+    """The sigmas the integration visited (every accepted step's end), the state at the
+    latest one, and with ``record`` the state at each (network scale, input dtype). Without
+    ``record`` only the latest state is held, as the library hands it over (``xbar``, a
+    float64 tensor or a numpy array), and converted when asked for: memory does not grow
+    with the number of steps."""
+
+    def __init__(self, x: Tensor, sigma: float, record: bool) -> None:
+        self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
+        self.sigmas = [sigma]
+        self.trajectory = [x.clone()] if record else None
+        self._x: Tensor | None = x
+        self._xbar: Tensor | np.ndarray | None = None
+
+    def visit(self, sigma: float, xbar: Tensor | np.ndarray) -> None:
+        """The state reached ``sigma`` as ``xbar`` (not modified afterwards by the caller)."""
+        self.sigmas.append(sigma)
+        self._x, self._xbar = None, xbar
+        if self.trajectory is not None:
+            self.trajectory.append(self.x)
+
+    def visit_x(self, sigma: float, x: Tensor) -> None:
+        """The state reached ``sigma`` as ``x`` (network scale, input dtype)."""
+        self.sigmas.append(sigma)
+        self._x, self._xbar = x, None
+        if self.trajectory is not None:
+            self.trajectory.append(x)
+
+    @property
+    def x(self) -> Tensor:
+        """The state at ``sigmas[-1]`` (network scale, input dtype), a tensor of its own."""
+        if self._x is None:
+            xbar = self._xbar
+            if isinstance(xbar, np.ndarray):
+                xbar = torch.from_numpy(xbar).reshape(self.shape).to(self.device)
+            assert xbar is not None
+            self._x, self._xbar = _to_x(xbar, self.sigmas[-1], self.dtype), None
+        return self._x
+
+    def outcome(self, n_rejected: int, message: str = "") -> Outcome:
+        """The result: finished unless a ``message`` says why not."""
+        return Outcome(
+            self.x,
+            self.sigmas,
+            n_accepted=len(self.sigmas) - 1,
+            n_rejected=n_rejected,
+            trajectory=self.trajectory,
+            finished=not message,
+            message=message,
+        )
+
+
 def _finish(
-    ode: PFODE,
-    xs: list[Tensor],
-    points: list[float],
-    euler_end: bool,
-    grid: list[float],
-    n_acc: int,
-    n_rej: int,
-    record: bool,
-    partial_ok: bool,
+    ode: PFODE, visits: _Visits, euler_end: bool, grid: list[float], n_rej: int, partial_ok: bool
 ) -> Outcome:
-    """Take the Euler step into 0 if asked, and package the outcome. ``xs`` are the states
-    (network scale, input dtype) at ``points``."""
-    x = xs[-1]
-    finished, message = True, ""
+    """Take the Euler step into 0 if asked, and package the outcome."""
+    message = ""
     if euler_end:
         try:
-            x = ode.eval(x, points[-1]).x0
-            xs.append(x)
-            points = [*points, grid[-1]]
-            n_acc += 1
+            visits.visit_x(grid[-1], ode.eval(visits.x, visits.sigmas[-1]).x0)
         except MaxNFEExceeded as exc:
             if not partial_ok:
                 raise
-            finished, message = False, str(exc)
+            message = str(exc)
     ode.raise_if_nonfinite()
-    return Outcome(
-        x,
-        points,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
-        trajectory=[v.clone() for v in xs] if record else None,
-        finished=finished,
-        message=message,
-    )
+    return visits.outcome(n_rej, message)
 
 
-def _partial(
-    ode: PFODE,
-    x_start: Tensor,
-    grid: list[float],
-    sigma: float,
-    x: Tensor,
-    n_acc: int,
-    n_rej: int,
-    record: bool,
-    exc: Exception,
-) -> Outcome:
-    """``max_nfe`` ran out inside the library: the last state it had reached."""
+def _stopped(ode: PFODE, visits: _Visits, n_rej: int, exc: Exception) -> Outcome:
+    """``max_nfe`` ran out inside the library: the last point it had visited."""
     ode.raise_if_nonfinite()
-    points, xs = [grid[0]], [x_start]
-    if sigma != grid[0]:
-        points.append(sigma)
-        xs.append(x)
-    return Outcome(
-        xs[-1],
-        points,
-        n_accepted=n_acc,
-        n_rejected=n_rej,
-        trajectory=[v.clone() for v in xs] if record else None,
-        finished=False,
-        message=str(exc),
-    )
+    return visits.outcome(n_rej, str(exc))
 
 
 class Backend(Solver):
@@ -209,8 +251,11 @@ class Backend(Solver):
     external = True
     last_steps = ("euler", "solver")
 
-    def __init__(self, name: str, adaptive: bool, order: int, run: Any, summary: str) -> None:
+    def __init__(
+        self, name: str, adaptive: bool, order: int, nfe_per_step: int, run: Any, summary: str
+    ) -> None:
         self.name, self.adaptive, self.order, self.summary = name, adaptive, order, summary
+        self.nfe_per_step = nfe_per_step
         self._run = run
         opts = [
             Option("options", object, None, "a dict of the library's own options", allow_none=True)
@@ -237,7 +282,7 @@ class Backend(Solver):
 
 
 # ----------------------------------------------------------------------------- torchdiffeq
-def _torchdiffeq_classes() -> dict[str, type]:
+def _torchdiffeq_classes() -> dict[str, Any]:
     from torchdiffeq._impl.odeint import SOLVERS  # the table odeint dispatches on
 
     return {k: v for k, v in SOLVERS.items() if k not in _TORCHDIFFEQ_SKIP}
@@ -259,13 +304,21 @@ def _is_fixed_grid(cls: type) -> bool:
 
 class _XbarRHS:
     """``d xbar / d sigma`` for torchdiffeq: float64 ``xbar`` in, float64 ``eps`` out, one
-    counted network evaluation in the input's dtype. Counts steps through torchdiffeq's
-    callbacks (only those the method supports are defined, so odeint does not warn)."""
+    counted network evaluation in the input's dtype. Records the visited points through
+    torchdiffeq's step callbacks (only those the method supports are defined, so odeint
+    does not warn): ``callback_step(t0, y0, dt)`` opens every attempt, at the state it
+    starts from; an adaptive method then calls ``callback_accept_step`` or
+    ``callback_reject_step`` for it, a fixed-grid method takes every step. An accepted step
+    thus ends where the next attempt starts (recorded there); the last one ends at the end
+    of the grid (recorded by the caller, from odeint's result)."""
 
-    def __init__(self, ode: PFODE, dtype: torch.dtype, callbacks: set[str]) -> None:
-        self.ode, self.dtype = ode, dtype
-        self.n_steps = self.n_accepted = self.n_rejected = 0
-        self.last: tuple[Tensor, Tensor] | None = None  # (t, xbar) at the latest step start
+    def __init__(
+        self, ode: PFODE, dtype: torch.dtype, callbacks: set[str], visits: _Visits
+    ) -> None:
+        self.ode, self.dtype, self.visits = ode, dtype, visits
+        self.every_step_taken = "callback_accept_step" not in callbacks
+        self.pending = False  # the current attempt was accepted: its end is not recorded yet
+        self.n_rejected = 0
         if "callback_step" in callbacks:
             self.callback_step = self._on_step
         if "callback_accept_step" in callbacks:
@@ -279,11 +332,12 @@ class _XbarRHS:
 
     def _on_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         self.ode.raise_if_nonfinite()  # names the sigma of a NaN early; keeps the record short
-        self.n_steps += 1
-        self.last = (t0, y0)
+        if self.pending:  # t0 (the real sigma: odeint un-negates a decreasing grid's)
+            self.visits.visit(float(t0), y0)
+        self.pending = self.every_step_taken
 
     def _on_accept(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.n_accepted += 1
+        self.pending = True
 
     def _on_reject(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         self.n_rejected += 1
@@ -303,7 +357,9 @@ def _run_torchdiffeq(
     options: dict[str, Any] | None = None,
 ) -> Outcome:
     """Integrate ``xbar`` in float64 with ``torchdiffeq.odeint(method=method)`` through
-    ``grid`` (see the module docstring)."""
+    ``grid`` (see the module docstring). odeint is asked for the end point only (its
+    solution holds a state per requested time): the steps land on the grid points through
+    ``step_t`` (adaptive) or the time grid (fixed-grid), and the callbacks record them."""
     from torchdiffeq import odeint
 
     cls = _torchdiffeq_classes()[method]
@@ -314,10 +370,15 @@ def _run_torchdiffeq(
         atol = opts.pop("atol", _TORCHDIFFEQ_DEFAULT_TOL[1])
     points, euler_end = _split(grid, last_step)
     dev, dtype = x.device, x.dtype
-    rhs = _XbarRHS(ode, dtype, cls.valid_callbacks())
-    n_acc = n_rej = 0
+    visits = _Visits(x, points[0], record)
+    rhs = _XbarRHS(ode, dtype, cls.valid_callbacks(), visits)
     if len(points) > 1:
-        t = torch.tensor(points, dtype=torch.float64, device=dev)
+        every = torch.tensor(points, dtype=torch.float64, device=dev)
+        t = every[[0, -1]]
+        if fixed and opts.get("grid_constructor") is not None:
+            t = every  # the user's constructor sees the whole grid, as in odeint
+        elif fixed and opts.get("step_size") is None:  # one step per interval
+            opts["grid_constructor"] = lambda func, y0, t: every
         if not fixed:
             opts.setdefault("norm", _per_sample_rms_max)
             # Step onto every grid point, the end included: without it the solver steps past
@@ -335,21 +396,13 @@ def _run_torchdiffeq(
         except MaxNFEExceeded as exc:
             if not partial:
                 raise
-            sigma, x_now = points[0], x
-            if rhs.last is not None:
-                sigma = float(rhs.last[0])
-                x_now = _to_x(rhs.last[1], sigma, dtype)
-            n_acc = rhs.n_steps - 1 if fixed else rhs.n_accepted
-            return _partial(ode, x, grid, sigma, x_now, max(n_acc, 0), rhs.n_rejected, record, exc)
+            return _stopped(ode, visits, rhs.n_rejected, exc)
         except AssertionError:
             ode.raise_if_nonfinite()  # NaN from the model shows up as a step-size assertion
             raise
-        xs = [x] + [_to_x(xb, s, dtype) for xb, s in zip(xbars[1:], points[1:])]
-        n_acc = rhs.n_steps if fixed else rhs.n_accepted
-        n_rej = rhs.n_rejected
-    else:
-        xs = [x]
-    return _finish(ode, xs, points, euler_end, grid, n_acc, n_rej, record, partial)
+        if rhs.pending or visits.sigmas[-1] != points[-1]:  # the last step's end
+            visits.visit(points[-1], xbars[-1])
+    return _finish(ode, visits, euler_end, grid, rhs.n_rejected, partial)
 
 
 def _torchdiffeq_options(method: str) -> list[str]:
@@ -372,10 +425,13 @@ def torchdiffeq_solver(method: str) -> Backend:
     cls = classes[method]
     adaptive = not _is_fixed_grid(cls)
     kind = "adaptive" if adaptive else "fixed-grid"
+    tableau = getattr(cls, "tableau", None)  # its first stage is the previous step's last
+    nfe = len(tableau.alpha) if tableau is not None else _TORCHDIFFEQ_FIXED_NFE.get(method, 1)
     return Backend(
         f"torchdiffeq:{method}",
         adaptive,
         int(getattr(cls, "order", 0)),
+        nfe,
         partial(_run_torchdiffeq, method=method),
         summary=f"torchdiffeq.odeint method={method!r} ({kind}) on xbar in float64",
     )
@@ -442,9 +498,8 @@ def _run_scipy(
         return eps.to(torch.float64).reshape(-1).cpu().numpy()
 
     y = _to_xbar(x, points[0]).reshape(-1).cpu().numpy()
-    xs = [x]
-    n_acc = n_rej = 0
-    sigma_now = points[0]
+    visits = _Visits(x, points[0], record)
+    n_rej = 0
     for s0, s1 in zip(points[:-1], points[1:]):
         step0 = None if first_step is None else min(float(first_step), abs(s1 - s0))
         steps = 0
@@ -457,19 +512,17 @@ def _run_scipy(
                     raise RuntimeError(f"scipy {method} failed at sigma={solver.t:.6g}: {message}")
                 ode.raise_if_nonfinite()
                 steps += 1
-                y, sigma_now = solver.y, float(solver.t)
+                y = np.array(solver.y)  # a copy no later step changes (LSODA reuses one)
+                visits.visit(s1 if solver.status == "finished" else float(solver.t), y)
         except MaxNFEExceeded as exc:
             if not partial:
                 raise
-            x_now = _to_x(torch.from_numpy(y).reshape(shape).to(dev), sigma_now, dtype)
-            return _partial(ode, x, grid, sigma_now, x_now, n_acc + steps, n_rej, record, exc)
-        n_acc += steps
+            return _stopped(ode, visits, n_rej, exc)
         n_stages = getattr(solver, "n_stages", None)
         if n_stages is not None:  # explicit RK: n_stages evaluations per attempt
             start = 1 + (step0 is None)  # f at the start, and the initial-step probe
             n_rej += max(0, (solver.nfev - start) // n_stages - steps)
-        xs.append(_to_x(torch.from_numpy(np.array(y)).reshape(shape).to(dev), s1, dtype))
-    return _finish(ode, xs, points, euler_end, grid, n_acc, n_rej, record, partial)
+    return _finish(ode, visits, euler_end, grid, n_rej, partial)
 
 
 @cache
@@ -477,10 +530,12 @@ def scipy_solver(method: str) -> Backend:
     """The solver ``"scipy:<method>"``."""
     if method not in SCIPY_METHODS:
         raise _unknown_method("scipy", method, scipy_methods())
+    n_stages = getattr(_scipy_class(method), "n_stages", None)  # explicit Runge-Kutta
     return Backend(
         f"scipy:{method}",
         True,
         SCIPY_METHODS[method],
+        int(n_stages) if n_stages is not None else _SCIPY_IMPLICIT_NFE[method],
         partial(_run_scipy, method=method),
         summary=f"scipy.integrate.{method} on the flattened batch's xbar in float64",
     )

@@ -82,6 +82,11 @@ def as_float(sigma: Sigma) -> float:
     return float(sigma.detach()) if isinstance(sigma, Tensor) else float(sigma)
 
 
+def is_zero(sigma: Sigma) -> bool:
+    """``sigma == 0`` (the end of a sampling grid), for floats and tensors alike."""
+    return as_float(sigma) == 0.0
+
+
 def column(c: Tensor, like: Tensor) -> Tensor:
     """A float64 coefficient tensor as something that multiplies ``like``: a 0-d tensor in
     ``like``'s dtype, or one value per sample shaped ``(batch, 1, ..., 1)``."""
@@ -278,50 +283,26 @@ class StepInfo:
 
 
 class Solver:
-    """Base class of pflow's solvers: capabilities as class attributes, one step as a
-    method. See the module docstring.
+    """Base class of pflow's solvers: capabilities as class attributes (the driver and the
+    plans read them; ``docs/internals.md`` has the table), one step as a method."""
 
-    Attributes:
-        name: the name accepted by ``solver=``.
-        summary: one line for listings.
-        order: order of accuracy on a smooth problem.
-        nfe_per_step: network evaluations per step once started (adaptive: per attempt).
-        adaptive: chooses its own steps from ``rtol``/``atol`` (has ``attempt``).
-        stochastic: draws random noise; its endpoint is not the ODE's.
-        reversible: has an exact inverse step (a companion state; see ``alf``).
-        history: past evaluations a step uses (0 for single-step methods).
-        last_steps: the ``last_step`` modes it supports: ``"euler"`` (the driver's
-            Euler step into ``sigma = 0``) and, where the method can integrate into 0
-            itself, ``"solver"``.
-        last_step_note: why a mode is missing (the error says it).
-        directions: ``"down"`` (sampling, decode) and/or ``"up"`` (encode).
-        starts_at_zero: may start at ``sigma = 0`` (it never evaluates the network there).
-        per_sample: can step each sample at its own sigma (``per_sample=True``).
-        differentiable: takes 0-d float64 sigma tensors that require grad.
-        ddim_options: the options under which it is DDIM (first order), or ``None`` if it
-            does not claim to be DDIM there.
-        options: its typed options.
-        external: runs its own loop (another library's integrator): ``solve`` instead of
-            ``step``; the driver still validates, chunks, checks NaN and packages.
-    """
-
-    name: str = ""
-    summary: str = ""
-    order: int = 1
-    nfe_per_step: int = 1
-    adaptive: bool = False
-    stochastic: bool = False
-    reversible: bool = False
-    history: int = 0
-    last_steps: tuple[str, ...] = ("euler",)
-    last_step_note: str = ""
-    directions: tuple[str, ...] = ("down", "up")
-    starts_at_zero: bool = False
-    per_sample: bool = False
-    differentiable: bool = False
-    ddim_options: dict[str, Any] | None = None
-    options: tuple[Option, ...] = ()
-    external: bool = False
+    name: str = ""  # the name accepted by ``solver=``
+    summary: str = ""  # one line for listings
+    order: int = 1  # order of accuracy with the default options
+    nfe_per_step: int = 1  # network evaluations per step once started (adaptive: per attempt)
+    adaptive: bool = False  # has ``attempt`` and chooses its steps from rtol/atol
+    stochastic: bool = False  # may draw noise (see ``draws_noise``)
+    reversible: bool = False  # has an exact inverse step (a companion state, ``alf``)
+    history: int = 0  # past evaluations a step uses (multistep methods)
+    last_steps: tuple[str, ...] = ("euler",)  # also "solver" where it integrates into 0 itself
+    last_step_note: str = ""  # why a last_step mode is missing (the error says it)
+    directions: tuple[str, ...] = ("down", "up")  # sample/decode, encode
+    starts_at_zero: bool = False  # may start at sigma = 0 (never evaluates there)
+    per_sample: bool = False  # can step each sample at its own sigma
+    differentiable: bool = False  # takes 0-d float64 sigma tensors that require grad
+    ddim_options: dict[str, Any] | None = None  # options under which it is DDIM, if any
+    options: tuple[Option, ...] = ()  # its typed options
+    external: bool = False  # runs its own loop (another library): ``solve`` not ``step``
 
     def init(self, ode: PFODE, x: Tensor, sigma: Sigma, options: dict[str, Any]) -> State:
         """The state at the grid's first sigma."""

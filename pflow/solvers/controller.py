@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import column, scale
+from .base import column
 from .ode import PFODE
 
 __all__ = ["PIGains", "pi_control", "error_ratio", "rms_per_sample", "initial_step"]
@@ -106,18 +106,18 @@ def initial_step(
     shared step or ``(batch,)`` per sample; ``reduce`` turns per-sample norms into what
     shares the decision (the batch maximum, over ranks too, for a shared step)."""
     sc = atol + rtol * x.abs()
-    c0 = scale(sigma)
+    c0 = (1.0 + sigma * sigma).rsqrt()  # C(sigma)
     # d x / d sigma in the network's scale: -sigma / (1 + sigma^2) * x + C(sigma) * eps.
-    f0 = x * column(-sigma * c0 * c0, x) + eps * column(c0, x)  # type: ignore[operator]
+    f0 = x * column(-sigma * c0 * c0, x) + eps * column(c0, x)
     d0 = reduce(rms_per_sample(x / sc)).cpu()
     d1 = reduce(rms_per_sample(f0 / sc)).cpu()
     h0 = torch.where((d0 > 1e-5) & (d1 > 1e-5), 0.01 * d0 / d1, torch.full_like(d0, 1e-6))
     h0 = torch.minimum(h0, span)
     s1 = sigma + direction * h0
-    c1 = scale(s1)
+    c1 = (1.0 + s1 * s1).rsqrt()
     x1 = x + f0 * column(direction * h0, x)
     k1 = ode.eps(x1, float(s1) if s1.ndim == 0 else s1)
-    f1 = x1 * column(-s1 * c1 * c1, x) + k1 * column(c1, x)  # type: ignore[operator]
+    f1 = x1 * column(-s1 * c1 * c1, x) + k1 * column(c1, x)
     d2 = reduce(rms_per_sample((f1 - f0) / sc)).cpu() / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(

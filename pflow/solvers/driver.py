@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MaxNFEExceeded
-from .base import Outcome, Sigma, Solver, State, StepInfo, as_float, lincomb
+from .base import Outcome, Sigma, Solver, State, StepInfo, as_float, is_zero, lincomb
 from .controller import PIGains, initial_step, pi_control, underflow
 from .ode import PFODE, Evaluation
 
@@ -39,10 +39,6 @@ def euler_into_zero(ode: PFODE, state: State) -> State:
     state (the cached one when the solver left it, e.g. FSAL), ``C(0) = 1``."""
     ev = state.ev if state.ev is not None else ode.eval(state.x, state.sigma)
     return State(lincomb([(1.0, ev.x0)]), 0.0)
-
-
-def _is_zero(sigma: Sigma) -> bool:
-    return as_float(sigma) == 0.0
 
 
 def integrate(
@@ -83,7 +79,7 @@ def integrate(
         else:
             n = len(grid) - 1
             for i, sigma_next in enumerate(grid[1:]):
-                if last_step == "euler" and _is_zero(sigma_next):
+                if last_step == "euler" and is_zero(sigma_next):
                     state = euler_into_zero(ode, state)
                 else:
                     state = solver.step(ode, state, sigma_next, options, StepInfo(i, n))

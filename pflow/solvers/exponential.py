@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Option, Sigma, Solver, State, StepInfo, as_float, expm1, lincomb, log, scale
+from .base import Option, Sigma, Solver, State, StepInfo, exp, expm1, is_zero, lincomb, log, scale
 from .ode import PFODE, Evaluation
 
-__all__ = ["phi", "DPMSolverPP", "DPMSolver", "UniPC", "SOLVERS"]
+__all__ = ["phi", "ddim_step", "ExponentialSolver", "DPMSolverPP", "DPMSolver", "UniPC", "SOLVERS"]
 
 # Diffusers' rule: grids shorter than this take lower orders in their last steps.
 _LOWER_ORDER_FINAL_BELOW = 15
@@ -72,16 +72,16 @@ def phi(k: int, z: Sigma) -> Sigma:
     if isinstance(z, Tensor):
         small = z.abs() < 2.0
         zs = torch.where(small, z, torch.zeros_like(z))
-        term = torch.full_like(z, 1.0 / math.factorial(k))
-        series = term
+        t_term = torch.full_like(z, 1.0 / math.factorial(k))
+        series = t_term
         for m in range(1, 40):
-            term = term * zs / (m + k)
-            series = series + term
+            t_term = t_term * zs / (m + k)
+            series = series + t_term
         zr = torch.where(small, torch.full_like(z, 2.0), z)
-        value = torch.exp(zr)
+        t_value = torch.exp(zr)
         for j in range(k):
-            value = (value - 1.0 / math.factorial(j)) / zr
-        return torch.where(small, series, value)
+            t_value = (t_value - 1.0 / math.factorial(j)) / zr
+        return torch.where(small, series, t_value)
     if abs(z) < 2.0:
         term = 1.0 / math.factorial(k)
         total, m = term, 0
@@ -96,14 +96,10 @@ def phi(k: int, z: Sigma) -> Sigma:
     return value
 
 
-def _ddim(ev: Evaluation, sigma_next: Sigma) -> Tensor:
+def ddim_step(ev: Evaluation, sigma_next: Sigma) -> Tensor:
     """The first-order step of every method here: ``C(s) (x0_hat + s eps)``."""
     c = scale(sigma_next)
     return lincomb([(c, ev.x0), (c * sigma_next, ev.eps)])
-
-
-def _is_zero(sigma: Sigma) -> bool:
-    return as_float(sigma) == 0.0
 
 
 def _max_order(order: int, info: StepInfo, lower_order_final: bool) -> int:
@@ -126,7 +122,7 @@ _LOF = Option(
 )
 
 
-class _Exponential(Solver):
+class ExponentialSolver(Solver):
     """Shared capabilities: steps in lambda, Euler's step into 0 only."""
 
     last_steps = ("euler",)
@@ -149,7 +145,7 @@ def _dpmpp_update(
     """One DPM-Solver++ step of ``order`` from the newest evaluation ``ev``; ``history``
     holds ``(lambda, x0_hat)``, newest last (``history[-1]`` is ``ev``'s)."""
     if order == 1:
-        return _ddim(ev, sigma_next)
+        return ddim_step(ev, sigma_next)
     c = scale(sigma_next)
     lam0 = history[-1][0]
     h = -log(sigma_next) - lam0
@@ -173,7 +169,7 @@ def _dpmpp_update(
     return lincomb([*terms, (c * w1, x0_1), (c * w2, x0_2)])
 
 
-class DPMSolverPP(_Exponential):
+class DPMSolverPP(ExponentialSolver):
     """DPM-Solver++(kM) (arXiv 2211.01095), multistep in ``lambda`` on ``x0_hat``: one
     evaluation per step, order ``k`` once ``k`` evaluations are known (first and second
     order steps at the start).
@@ -217,8 +213,8 @@ class DPMSolverPP(_Exponential):
     ) -> State:
         sigma = state.sigma
         ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
-        if _is_zero(sigma) or _is_zero(sigma_next):
-            return State(_ddim(ev, sigma_next), sigma_next)
+        if is_zero(sigma) or is_zero(sigma_next):
+            return State(ddim_step(ev, sigma_next), sigma_next)
         order = options["order"]
         history = (*state.history, (-log(sigma), ev.x0))[-order:]
         k = min(len(history), _max_order(order, info, options["lower_order_final"]))
@@ -236,13 +232,13 @@ def _dpm_solver_step(
     """One step of DPM-Solver-``order`` (arXiv 2206.00927, as the paper writes it), in
     ``xbar`` (``sigma_s (e^h - 1) = sigma - sigma_s``) around ``x0_hat`` and ``eps``."""
     if order == 1:
-        return _ddim(ev, sigma_next)
+        return ddim_step(ev, sigma_next)
     h = log(sigma / sigma_next)
     c = scale(sigma_next)
     x0, eps0 = ev.x0, ev.eps
     if order == 2:
         r1 = 0.5
-        s1 = sigma * (-r1 * h).exp() if isinstance(h, Tensor) else sigma * math.exp(-r1 * h)
+        s1 = sigma * exp(-r1 * h)
         c1 = scale(s1)
         # u = (alpha_s1 / alpha) x - sigma_s1 (e^{r1 h} - 1) eps_0: DDIM to s1.
         eps1 = ode.eval(lincomb([(c1, x0), (c1 * s1, eps0)]), s1).eps
@@ -250,10 +246,7 @@ def _dpm_solver_step(
         k = (sigma - sigma_next) / (2 * r1)
         return lincomb([(c, x0), (c * (sigma_next + k), eps0), (-c * k, eps1)])
     r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-    if isinstance(h, Tensor):
-        s1, s2 = sigma * (-r1 * h).exp(), sigma * (-r2 * h).exp()
-    else:
-        s1, s2 = sigma * math.exp(-r1 * h), sigma * math.exp(-r2 * h)
+    s1, s2 = sigma * exp(-r1 * h), sigma * exp(-r2 * h)
     c1, c2 = scale(s1), scale(s2)
     eps1 = ode.eval(lincomb([(c1, x0), (c1 * s1, eps0)]), s1).eps
     # u_2 = ... - sigma_s2 (r2 / r1) ((e^{r2 h} - 1) / (r2 h) - 1) (eps_1 - eps_0)
@@ -264,7 +257,7 @@ def _dpm_solver_step(
     return lincomb([(c, x0), (c * (sigma_next + k), eps0), (-c * k, eps2)])
 
 
-class DPMSolver(_Exponential):
+class DPMSolver(ExponentialSolver):
     """Singlestep DPM-Solver-``order`` (arXiv 2206.00927) on ``eps``: each step evaluates
     at ``lambda + r h`` inside the step (``r = 1/2`` for order 2; ``1/3, 2/3`` for order
     3), so ``N`` steps cost ``order * N`` evaluations, less ``order - 1`` when the last
@@ -281,7 +274,7 @@ class DPMSolver(_Exponential):
     ) -> State:
         sigma = state.sigma
         ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
-        k = 1 if _is_zero(sigma) or _is_zero(sigma_next) else options["order"]
+        k = 1 if is_zero(sigma) or is_zero(sigma_next) else options["order"]
         return State(_dpm_solver_step(ode, ev, sigma, sigma_next, k), sigma_next)
 
 
@@ -356,7 +349,7 @@ def _unipc_update(
     return lincomb(terms)
 
 
-class UniPC(_Exponential):
+class UniPC(ExponentialSolver):
     """UniPC-``order`` (arXiv 2302.04867, ``B(h) = e^h - 1``, data prediction), multistep in
     ``lambda``: the predictor UniP-p (UniP-2 is DPM-Solver++(2M)) takes the step; the
     network is evaluated at its result; the corrector UniC-p re-does the step with that
@@ -392,8 +385,8 @@ class UniPC(_Exponential):
     ) -> State:
         sigma, x = state.sigma, state.x
         ev = state.ev if state.ev is not None else ode.eval(x, sigma)
-        if _is_zero(sigma) or _is_zero(sigma_next):
-            return State(_ddim(ev, sigma_next), sigma_next)
+        if is_zero(sigma) or is_zero(sigma_next):
+            return State(ddim_step(ev, sigma_next), sigma_next)
         order = options["order"]
         history = (*state.history, (-log(sigma), ev.x0))[-order:]
         p = min(order, len(history), info.n - info.i if options["lower_order_final"] else order)

@@ -123,7 +123,7 @@ class EmbeddedRungeKutta(RungeKutta):
     adaptive = True
     per_sample = True
     differentiable = False
-    options = (
+    options: tuple[Option, ...] = (
         Option("rtol", doc="relative tolerance", **_TOLERANCE),  # type: ignore[arg-type]
         Option("atol", doc="absolute tolerance", **_TOLERANCE),  # type: ignore[arg-type]
         Option(

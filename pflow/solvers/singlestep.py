@@ -29,14 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Option, Sigma, State, StepInfo, exp, expm1, lincomb, log, scale
-from .exponential import _ddim, _Exponential, _is_zero
+from .base import Option, Sigma, State, StepInfo, exp, expm1, is_zero, lincomb, log, scale
+from .exponential import ExponentialSolver, ddim_step
 from .ode import PFODE
 
 __all__ = ["DPMSolverPP2S", "SOLVERS"]
 
 
-class DPMSolverPP2S(_Exponential):
+class DPMSolverPP2S(ExponentialSolver):
     """DPM-Solver++(2S) (arXiv 2211.01095, Algorithm 1): singlestep, second order, on
     ``x0_hat`` in ``lambda = -log sigma``. Each step makes a DDIM step to the intermediate
     ``sigma_s = sigma e^{-r h}``, evaluates there, and takes the step with
@@ -48,7 +48,7 @@ class DPMSolverPP2S(_Exponential):
 
     Options:
         order: 2 (default), or 1 for DDIM (one evaluation per step).
-        r: the intermediate point as a fraction of the step in ``lambda``, ``0 < r <= 1``
+        r: the intermediate point as a fraction of the step in ``lambda``, ``0 < r < 1``
             (default 1/2, the paper's and diffusers' midpoint).
     """
 
@@ -76,12 +76,12 @@ class DPMSolverPP2S(_Exponential):
     ) -> State:
         sigma = state.sigma
         ev = state.ev if state.ev is not None else ode.eval(state.x, sigma)
-        if options["order"] == 1 or _is_zero(sigma) or _is_zero(sigma_next):
-            return State(_ddim(ev, sigma_next), sigma_next)
+        if options["order"] == 1 or is_zero(sigma) or is_zero(sigma_next):
+            return State(ddim_step(ev, sigma_next), sigma_next)
         r = options["r"]
         h = log(sigma / sigma_next)
         sigma_s = sigma * exp(-r * h)
-        ev_s = ode.eval(_ddim(ev, sigma_s), sigma_s)
+        ev_s = ode.eval(ddim_step(ev, sigma_s), sigma_s)
         # xbar_next = x0_0 + sigma_next eps_0 + k (x0_s - x0_0), k = (1 - e^-h) / (2 r)
         k = -expm1(-h) / (2.0 * r)
         c = scale(sigma_next)
