@@ -23,9 +23,8 @@ from torch import Tensor
 
 from .grids import get_sigmas, validate_sigmas
 from .model import ODEModel
-from .noise import noise_keys
 from .schedule import NoiseSchedule
-from .solvers import PFODE, Solver, parse_solver, resolve_options
+from .solvers import PFODE, Solver, available_solvers, get_solver, parse_solver, resolve_options
 from .solvers.driver import integrate
 
 __all__ = ["SolveResult", "sample", "run", "plan_args"]
@@ -257,11 +256,9 @@ def run(
                 "for an adaptive solver to take the same steps everywhere"
             )
     for o in per_sample:
+        if o.expand is not None:  # e.g. an int seed into one key per sample
+            options[o.name] = o.expand(options[o.name], batch)
         value = options[o.name]
-        if o.name == "seed" and isinstance(value, int) and not isinstance(value, bool):
-            if size < batch:
-                options[o.name] = noise_keys(value, batch)  # the keys follow the samples
-            continue
         n = len(value) if o.batch_dim == 0 else value.shape[o.batch_dim]
         if n != batch:
             raise ValueError(
@@ -276,8 +273,6 @@ def run(
         if size < batch:
             for o in per_sample:
                 value = options[o.name]
-                if isinstance(value, int):
-                    continue
                 chunk[o.name] = value[start:stop] if o.batch_dim == 0 else value[:, start:stop]
         ode = ode_factory(
             model, max_nfe=max_nfe, check_finite=check_finite, process_group=process_group
@@ -324,9 +319,7 @@ def plan_args(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def _differentiable() -> list[str]:
-    from .solvers import _REGISTRY
-
-    return [n for n, s in _REGISTRY.items() if s.differentiable]
+    return [n for n in available_solvers(backends=False) if get_solver(n).differentiable]
 
 
 def _merge(parts: list[SolveResult], result: Callable[..., SolveResult]) -> SolveResult:

@@ -36,14 +36,13 @@ evaluation at its start and one for scipy's initial-step probe).
 the end of every accepted step, the grid points among them, recorded as the library goes
 (scipy: after each ``solver.step()``; torchdiffeq: through its step callbacks, where an
 accepted step ends where the next attempt starts, and the last at the end of the grid), so
-that ``n_accepted == len(sigmas) - 1``. ``return_trajectory`` keeps the state (network
-scale, input dtype) at each of them; without it no state is kept but the latest. When
-``max_nfe`` runs out inside the library, the result is the last visited point and
-``sigmas`` the points visited until then.
+that ``n_accepted == len(sigmas) - 1``: each is visited on the driver's
+:class:`~pflow.solvers.driver.Walk`, which keeps the trajectory when asked for and, when
+``max_nfe`` runs out inside the library, makes the result the last visited point.
 
-**The step into sigma = 0** is one Euler step by default (``last_step="euler"``), as for
-every pflow solver: ``x_next = x0_hat`` of one evaluation at the last positive sigma (one
-NFE; neither library hands back its last derivative).
+**The step into sigma = 0** is the driver's, as for every pflow solver: one Euler step by
+default (``last_step="euler"``), ``x0_hat`` of one evaluation at the last positive sigma
+(one NFE; neither library hands back its last derivative).
 
 **Cost** is counted by :class:`~pflow.solvers.PFODE` on every evaluation, never taken from
 the library. Accepted/rejected steps come from torchdiffeq's step callbacks; scipy does not
@@ -67,9 +66,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import MaxNFEExceeded
 from . import register_backend
-from .base import Option, Outcome, Solver
+from .base import Option, Solver, State
+from .driver import Walk
 from .ode import PFODE, scale
 
 __all__ = [
@@ -116,13 +115,6 @@ _SCIPY_IMPLICIT_NFE: dict[str, int] = {"Radau": 3, "BDF": 1, "LSODA": 1}
 
 
 # ----------------------------------------------------------------------------- shared
-def _split(grid: list[float], last_step: str) -> tuple[list[float], bool]:
-    """The grid points the backend integrates through, and whether the last step (into
-    ``sigma = 0``) is taken as one Euler step instead."""
-    euler_end = last_step == "euler" and len(grid) > 1 and grid[-1] == 0.0
-    return (grid[:-1] if euler_end else list(grid)), euler_end
-
-
 def _to_xbar(x: Tensor, sigma: float) -> Tensor:
     return x.to(torch.float64) * math.sqrt(1.0 + sigma * sigma)
 
@@ -169,80 +161,6 @@ def _per_sample_rms_max(ratio: Tensor) -> Tensor:
     return ratio.reshape(ratio.shape[0], -1).pow(2).mean(dim=1).sqrt().max()
 
 
-class _Visits:
-    """The sigmas the integration visited (every accepted step's end), the state at the
-    latest one, and with ``record`` the state at each (network scale, input dtype). Without
-    ``record`` only the latest state is held, as the library hands it over (``xbar``, a
-    float64 tensor or a numpy array), and converted when asked for: memory does not grow
-    with the number of steps."""
-
-    def __init__(self, x: Tensor, sigma: float, record: bool) -> None:
-        self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
-        self.sigmas = [sigma]
-        self.trajectory = [x.clone()] if record else None
-        self._x: Tensor | None = x
-        self._xbar: Tensor | np.ndarray | None = None
-
-    def visit(self, sigma: float, xbar: Tensor | np.ndarray) -> None:
-        """The state reached ``sigma`` as ``xbar`` (not modified afterwards by the caller)."""
-        self.sigmas.append(sigma)
-        self._x, self._xbar = None, xbar
-        if self.trajectory is not None:
-            self.trajectory.append(self.x)
-
-    def visit_x(self, sigma: float, x: Tensor) -> None:
-        """The state reached ``sigma`` as ``x`` (network scale, input dtype)."""
-        self.sigmas.append(sigma)
-        self._x, self._xbar = x, None
-        if self.trajectory is not None:
-            self.trajectory.append(x)
-
-    @property
-    def x(self) -> Tensor:
-        """The state at ``sigmas[-1]`` (network scale, input dtype), a tensor of its own."""
-        if self._x is None:
-            xbar = self._xbar
-            if isinstance(xbar, np.ndarray):
-                xbar = torch.from_numpy(xbar).reshape(self.shape).to(self.device)
-            assert xbar is not None
-            self._x, self._xbar = _to_x(xbar, self.sigmas[-1], self.dtype), None
-        return self._x
-
-    def outcome(self, n_rejected: int, message: str = "") -> Outcome:
-        """The result: finished unless a ``message`` says why not."""
-        return Outcome(
-            self.x,
-            self.sigmas,
-            n_accepted=len(self.sigmas) - 1,
-            n_rejected=n_rejected,
-            trajectory=self.trajectory,
-            finished=not message,
-            message=message,
-        )
-
-
-def _finish(
-    ode: PFODE, visits: _Visits, euler_end: bool, grid: list[float], n_rej: int, partial_ok: bool
-) -> Outcome:
-    """Take the Euler step into 0 if asked, and package the outcome."""
-    message = ""
-    if euler_end:
-        try:
-            visits.visit_x(grid[-1], ode.eval(visits.x, visits.sigmas[-1]).x0)
-        except MaxNFEExceeded as exc:
-            if not partial_ok:
-                raise
-            message = str(exc)
-    ode.raise_if_nonfinite()
-    return visits.outcome(n_rej, message)
-
-
-def _stopped(ode: PFODE, visits: _Visits, n_rej: int, exc: Exception) -> Outcome:
-    """``max_nfe`` ran out inside the library: the last point it had visited."""
-    ode.raise_if_nonfinite()
-    return visits.outcome(n_rej, str(exc))
-
-
 class Backend(Solver):
     """Another library's integrator on pflow's ODE: it runs its own loop (``external``),
     so the driver hands it the whole grid; validation, chunks, the NaN watch's final
@@ -266,19 +184,11 @@ class Backend(Solver):
         self.options = tuple(opts)
 
     def solve(
-        self,
-        ode: PFODE,
-        x: Tensor,
-        grid: list[float],
-        options: dict[str, Any],
-        *,
-        last_step: str,
-        record: bool,
-        partial: bool,
-    ) -> Outcome:
-        return self._run(  # type: ignore[no-any-return]
-            ode, x, grid, last_step=last_step, record=record, partial=partial, **options
-        )
+        self, ode: PFODE, x: Tensor, grid: list[float], options: dict[str, Any], walk: Walk
+    ) -> None:
+        """Integrate from ``x`` at ``grid[0]`` through ``grid`` (which the driver has cut
+        before a final Euler step into 0), visiting every accepted step's end on ``walk``."""
+        self._run(ode, x, grid, walk, **options)
 
 
 # ----------------------------------------------------------------------------- torchdiffeq
@@ -312,10 +222,8 @@ class _XbarRHS:
     thus ends where the next attempt starts (recorded there); the last one ends at the end
     of the grid (recorded by the caller, from odeint's result)."""
 
-    def __init__(
-        self, ode: PFODE, dtype: torch.dtype, callbacks: set[str], visits: _Visits
-    ) -> None:
-        self.ode, self.dtype, self.visits = ode, dtype, visits
+    def __init__(self, ode: PFODE, dtype: torch.dtype, callbacks: set[str], walk: Walk) -> None:
+        self.ode, self.dtype, self.walk = ode, dtype, walk
         self.every_step_taken = "callback_accept_step" not in callbacks
         self.pending = False  # the current attempt was accepted: its end is not recorded yet
         self.n_rejected = 0
@@ -333,7 +241,7 @@ class _XbarRHS:
     def _on_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         self.ode.raise_if_nonfinite()  # names the sigma of a NaN early; keeps the record short
         if self.pending:  # t0 (the real sigma: odeint un-negates a decreasing grid's)
-            self.visits.visit(float(t0), y0)
+            self.walk.visit(State(_to_x(y0, float(t0), self.dtype), float(t0)))
         self.pending = self.every_step_taken
 
     def _on_accept(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
@@ -346,16 +254,14 @@ class _XbarRHS:
 def _run_torchdiffeq(
     ode: PFODE,
     x: Tensor,
-    grid: list[float],
+    points: list[float],
+    walk: Walk,
     *,
     method: str,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
     options: dict[str, Any] | None = None,
-) -> Outcome:
+) -> None:
     """Integrate ``xbar`` in float64 with ``torchdiffeq.odeint(method=method)`` through
     ``grid`` (see the module docstring). odeint is asked for the end point only (its
     solution holds a state per requested time): the steps land on the grid points through
@@ -368,11 +274,9 @@ def _run_torchdiffeq(
     if fixed:  # implicit_adams takes rtol/atol (as options); the others ignore them
         rtol = opts.pop("rtol", _TORCHDIFFEQ_DEFAULT_TOL[0])
         atol = opts.pop("atol", _TORCHDIFFEQ_DEFAULT_TOL[1])
-    points, euler_end = _split(grid, last_step)
     dev, dtype = x.device, x.dtype
-    visits = _Visits(x, points[0], record)
-    rhs = _XbarRHS(ode, dtype, cls.valid_callbacks(), visits)
-    if len(points) > 1:
+    rhs = _XbarRHS(ode, dtype, cls.valid_callbacks(), walk)  # type: ignore[attr-defined]
+    try:
         every = torch.tensor(points, dtype=torch.float64, device=dev)
         t = every[[0, -1]]
         if fixed and opts.get("grid_constructor") is not None:
@@ -389,20 +293,16 @@ def _run_torchdiffeq(
             extra = torch.as_tensor(opts.get("step_t", []), dtype=torch.float64).reshape(-1)
             step_t = sorted({*points[1:], *extra.tolist()} - jumps)
             opts["step_t"] = torch.tensor(step_t, dtype=torch.float64, device=dev)
-        try:
-            xbars = odeint(
-                rhs, _to_xbar(x, points[0]), t, rtol=rtol, atol=atol, method=method, options=opts
-            )
-        except MaxNFEExceeded as exc:
-            if not partial:
-                raise
-            return _stopped(ode, visits, rhs.n_rejected, exc)
-        except AssertionError:
-            ode.raise_if_nonfinite()  # NaN from the model shows up as a step-size assertion
-            raise
-        if rhs.pending or visits.sigmas[-1] != points[-1]:  # the last step's end
-            visits.visit(points[-1], xbars[-1])
-    return _finish(ode, visits, euler_end, grid, rhs.n_rejected, partial)
+        xbars = odeint(
+            rhs, _to_xbar(x, points[0]), t, rtol=rtol, atol=atol, method=method, options=opts
+        )
+        if rhs.pending or walk.sigmas[-1] != points[-1]:  # the last step's end
+            walk.visit(State(_to_x(xbars[-1], points[-1], dtype), points[-1]))
+    except AssertionError:
+        ode.raise_if_nonfinite()  # NaN from the model shows up as a step-size assertion
+        raise
+    finally:
+        walk.n_rejected += rhs.n_rejected
 
 
 def _torchdiffeq_options(method: str) -> list[str]:
@@ -465,16 +365,14 @@ def _block_diagonal(batch: int, dim: int) -> Any:
 def _run_scipy(
     ode: PFODE,
     x: Tensor,
-    grid: list[float],
+    points: list[float],
+    walk: Walk,
     *,
     method: str,
-    last_step: str = "euler",
-    record: bool = False,
-    partial: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     options: dict[str, Any] | None = None,
-) -> Outcome:
+) -> None:
     """Integrate the flattened batch's ``xbar`` in float64 with ``scipy.integrate.<method>``,
     one grid interval at a time (see the module docstring)."""
     cls = _scipy_class(method)
@@ -488,7 +386,6 @@ def _run_scipy(
     ):
         opts["jac_sparsity"] = _block_diagonal(batch, dim)
     first_step = opts.pop("first_step", None)
-    points, euler_end = _split(grid, last_step)
     shape, dev, dtype = x.shape, x.device, x.dtype
 
     def fun(t: float, y: np.ndarray) -> np.ndarray:
@@ -498,31 +395,25 @@ def _run_scipy(
         return eps.to(torch.float64).reshape(-1).cpu().numpy()
 
     y = _to_xbar(x, points[0]).reshape(-1).cpu().numpy()
-    visits = _Visits(x, points[0], record)
-    n_rej = 0
     for s0, s1 in zip(points[:-1], points[1:]):
         step0 = None if first_step is None else min(float(first_step), abs(s1 - s0))
         steps = 0
-        try:
-            solver = cls(fun, s0, y, s1, rtol=rtol, atol=atol, first_step=step0, **opts)
-            while solver.status == "running":
-                message = solver.step()
-                if solver.status == "failed":
-                    ode.raise_if_nonfinite()
-                    raise RuntimeError(f"scipy {method} failed at sigma={solver.t:.6g}: {message}")
+        solver = cls(fun, s0, y, s1, rtol=rtol, atol=atol, first_step=step0, **opts)
+        while solver.status == "running":
+            message = solver.step()
+            if solver.status == "failed":
                 ode.raise_if_nonfinite()
-                steps += 1
-                y = np.array(solver.y)  # a copy no later step changes (LSODA reuses one)
-                visits.visit(s1 if solver.status == "finished" else float(solver.t), y)
-        except MaxNFEExceeded as exc:
-            if not partial:
-                raise
-            return _stopped(ode, visits, n_rej, exc)
+                raise RuntimeError(f"scipy {method} failed at sigma={solver.t:.6g}: {message}")
+            ode.raise_if_nonfinite()
+            steps += 1
+            y = np.array(solver.y)  # a copy no later step changes (LSODA reuses one)
+            sigma = s1 if solver.status == "finished" else float(solver.t)
+            xbar = torch.from_numpy(y).reshape(shape).to(dev)
+            walk.visit(State(_to_x(xbar, sigma, dtype), sigma))
         n_stages = getattr(solver, "n_stages", None)
         if n_stages is not None:  # explicit RK: n_stages evaluations per attempt
             start = 1 + (step0 is None)  # f at the start, and the initial-step probe
-            n_rej += max(0, (solver.nfev - start) // n_stages - steps)
-    return _finish(ode, visits, euler_end, grid, n_rej, partial)
+            walk.n_rejected += max(0, (solver.nfev - start) // n_stages - steps)
 
 
 @cache

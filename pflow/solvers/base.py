@@ -27,7 +27,7 @@ grid being fitted by backpropagation). The helpers here (:func:`scale`, :func:`l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,8 @@ class Option:
         allow_none: ``None`` is a valid value (e.g. ``first_step``: choose it).
         batch_dim: the value holds one entry per sample along this dimension (per-sample
             noise keys, a companion): batch chunks and rank shards slice it with the samples.
+        expand: ``expand(value, batch)`` makes a batch-wide value per-sample before it is
+            sliced (an int seed into one noise key per sample).
     """
 
     name: str
@@ -152,6 +154,7 @@ class Option:
     high_open: bool = False
     allow_none: bool = False
     batch_dim: int | None = None
+    expand: Callable[[Any, int], Any] | None = None
 
     def expected(self) -> str:
         """What this option accepts, in words: ``True or False``, ``> 0``, ``one of ...``."""

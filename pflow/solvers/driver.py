@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MaxNFEExceeded
-from .base import Outcome, Sigma, Solver, State, StepInfo, as_float, is_zero, lincomb
+from .base import Outcome, Solver, State, StepInfo, as_float, is_zero, lincomb
 from .controller import PIGains, initial_step, pi_control, underflow
 from .ode import PFODE, Evaluation
 
@@ -55,63 +55,47 @@ def integrate(
     """Integrate from the state ``x`` (network scale) at ``grid[0]`` through every point of
     ``grid`` (Python floats, or 0-d float64 tensors for a differentiable solve) with
     ``solver`` and its resolved ``options``."""
-    if solver.external:
-        out: Outcome = solver.solve(  # type: ignore[attr-defined]
-            ode,
-            x,
-            [float(s) for s in grid],
-            options,
-            last_step=last_step,
-            record=record,
-            partial=partial,
-        )
-        ode.raise_if_nonfinite()
-        return out
     if solver.adaptive and options.get("per_sample"):
         return _per_sample(
             ode, solver, x, [float(s) for s in grid], options, last_step, record, partial
         )
-    walk = _Walk(x, grid[0], record)
-    state = solver.init(ode, x, grid[0], options)
+    walk = Walk(solver.init(ode, x, grid[0], options), record)
     try:
-        if solver.adaptive:
-            state = _shared(ode, solver, state, grid, options, last_step, walk)
+        if solver.external:
+            _external(ode, solver, walk, [float(s) for s in grid], options, last_step)
+        elif solver.adaptive:
+            _shared(ode, solver, walk, grid, options, last_step)
         else:
-            n = len(grid) - 1
-            for i, sigma_next in enumerate(grid[1:]):
-                if last_step == "euler" and is_zero(sigma_next):
-                    state = euler_into_zero(ode, state)
-                else:
-                    state = solver.step(ode, state, sigma_next, options, StepInfo(i, n))
-                walk.visit(state, sigma_next)
+            _fixed(ode, solver, walk, grid, options, last_step)
     except MaxNFEExceeded as exc:
         if not partial:
             raise
         walk.finished, walk.message = False, str(exc)
-        state = walk.last
     ode.raise_if_nonfinite()
-    return walk.outcome(state, solver.extras(state))
+    return walk.outcome(solver.extras(walk.last))
 
 
-class _Walk:
-    """Visited sigmas, accepted/rejected steps, the trajectory, the last complete state."""
+class Walk:
+    """Visited sigmas, rejected steps, the trajectory and the last complete state: what
+    a solve has done so far (a partial result is ``last``)."""
 
-    def __init__(self, x: Tensor, sigma: Sigma, record: bool) -> None:
-        self.sigmas = [as_float(sigma)]
-        self.trajectory = [x.clone()] if record else None
-        self.last = State(x, sigma)
+    def __init__(self, state: State, record: bool) -> None:
+        self.sigmas = [as_float(state.sigma)]
+        self.trajectory = [state.x.clone()] if record else None
+        self.last = state
         self.n_rejected = 0
         self.finished, self.message = True, ""
 
-    def visit(self, state: State, sigma: Sigma) -> None:
+    def visit(self, state: State) -> None:
+        """``state`` is complete: a step (or an accepted adaptive step) ended there."""
         self.last = state
-        self.sigmas.append(as_float(sigma))
+        self.sigmas.append(as_float(state.sigma))
         if self.trajectory is not None:
             self.trajectory.append(state.x.clone())
 
-    def outcome(self, state: State, extras: dict[str, Any]) -> Outcome:
+    def outcome(self, extras: dict[str, Any]) -> Outcome:
         return Outcome(
-            state.x,
+            self.last.x,
             self.sigmas,
             n_accepted=len(self.sigmas) - 1,
             n_rejected=self.n_rejected,
@@ -122,6 +106,41 @@ class _Walk:
         )
 
 
+def _fixed(
+    ode: PFODE,
+    solver: Solver,
+    walk: Walk,
+    grid: list[Any],
+    options: dict[str, Any],
+    last_step: str,
+) -> None:
+    """One step per interval of ``grid``."""
+    n = len(grid) - 1
+    for i, sigma_next in enumerate(grid[1:]):
+        if last_step == "euler" and is_zero(sigma_next):
+            walk.visit(euler_into_zero(ode, walk.last))
+        else:
+            walk.visit(solver.step(ode, walk.last, sigma_next, options, StepInfo(i, n)))
+
+
+def _external(
+    ode: PFODE,
+    solver: Solver,
+    walk: Walk,
+    grid: list[float],
+    options: dict[str, Any],
+    last_step: str,
+) -> None:
+    """Another library's loop through ``grid``, visiting as it goes (``solver.solve``),
+    then the Euler step into 0 when asked for."""
+    euler_end = last_step == "euler" and grid[-1] == 0.0
+    points = grid[:-1] if euler_end else grid
+    if len(points) > 1:
+        solver.solve(ode, walk.last.x, points, options, walk)  # type: ignore[attr-defined]
+    if euler_end:
+        walk.visit(euler_into_zero(ode, walk.last))
+
+
 def _gains(solver: Solver) -> PIGains:
     error_order = getattr(solver, "error_order", None) or 1
     return PIGains(order=1 + min(solver.order, error_order))
@@ -130,18 +149,18 @@ def _gains(solver: Solver) -> PIGains:
 def _shared(
     ode: PFODE,
     solver: Solver,
-    state: State,
+    walk: Walk,
     grid: list[Any],
     options: dict[str, Any],
     last_step: str,
-    walk: _Walk,
-) -> State:
+) -> None:
     """Adaptive steps shared by the batch, through every point of ``grid``. Accepted
     steps are visited; ``walk.n_rejected`` counts the rest."""
     rtol, atol = options["rtol"], options["atol"]
     gains = _gains(solver)
     prev = torch.ones((), dtype=_F64)
     h_abs: float | None = options.get("first_step")
+    state = walk.last
     sigma = float(state.sigma)
     for target in grid[1:]:
         target = float(target)
@@ -149,7 +168,7 @@ def _shared(
         if last_step == "euler" and target == 0.0:
             state = euler_into_zero(ode, state)
             sigma = 0.0
-            walk.visit(state, 0.0)
+            walk.visit(state)
             continue
         while sigma != target:
             if state.ev is None:
@@ -183,7 +202,7 @@ def _shared(
             )
             if bool(accepted):
                 state, sigma = new, sigma_next
-                walk.visit(state, sigma)
+                walk.visit(state)
                 # A step cut short to land on a grid point says nothing about the step size
                 # the error allows: keep the longer proposal.
                 h_abs = max(float(h_new), h_abs) if clipped else float(h_new)
@@ -196,7 +215,6 @@ def _shared(
                     f"fall as the step shrinks (rtol={rtol}, atol={atol} may be below the "
                     "dtype's round-off)"
                 )
-    return state
 
 
 def _per_sample(

@@ -88,6 +88,7 @@ _SEED = Option(
     "an int, or one 64-bit key per sample (pflow.noise_keys): per-sample keyed noise",
     allow_none=True,
     batch_dim=0,
+    expand=lambda seed, batch: noise_keys(seed, batch) if isinstance(seed, int) else seed,
 )
 _GENERATOR = Option(
     "generator", object, None, "a torch.Generator (batch-wide noise)", allow_none=True
