@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,21 +99,16 @@ def column(c: Tensor, like: Tensor) -> Tensor:
 def lincomb(terms: Sequence[tuple[Sigma, Tensor]]) -> Tensor:
     """``sum_j c_j * t_j``, a new tensor. Python-float coefficients (float64, the fast
     path) are applied with ``add_(t, alpha=c)`` and skipped when zero after the first;
-    tensor coefficients (per-sample columns, or 0-d tensors in a graph) are multiplied
-    out of place so autograd sees every term."""
-    out: Tensor | None = None
-    for c, t in terms:
+    tensor coefficients (per-sample columns, or 0-d tensors in a graph) as columns in the
+    state's dtype. The in-place adds are safe for autograd: no term's backward needs
+    the running sum."""
+    c0, t0 = terms[0]
+    out = t0 * (column(c0, t0) if isinstance(c0, Tensor) else c0)
+    for c, t in terms[1:]:
         if isinstance(c, Tensor):
-            term = t * column(c, t)
-            out = term if out is None else out + term
-        elif out is None:
-            out = t * c
+            out.add_(t * column(c, t))
         elif c != 0.0:
-            if out.requires_grad or t.requires_grad:
-                out = out + t * c
-            else:
-                out.add_(t, alpha=c)
-    assert out is not None, "lincomb needs at least one term"
+            out.add_(t, alpha=c)
     return out
 
 
@@ -252,7 +247,7 @@ class Option:
 # ---------------------------------------------------------------------------------- state
 
 
-@dataclass
+@dataclass(slots=True)
 class State:
     """A solver's state at ``sigma``.
 
@@ -272,8 +267,7 @@ class State:
     aux: Any = None
 
 
-@dataclass(frozen=True)
-class StepInfo:
+class StepInfo(NamedTuple):
     """Where a fixed-grid step sits: the ``i``-th of ``n``; ``final`` when it lands on the
     grid's end (no evaluation is worth making there)."""
 

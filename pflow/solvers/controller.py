@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,27 +67,51 @@ class PIGains:
         return 0.4 / self.order if self.beta2 is None else self.beta2
 
 
-def pi_control(
-    gains: PIGains, ratio: Tensor, prev_ratio: Tensor, h: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+class _Scalar:
+    """Python-float arithmetic for one shared decision (no tensor per step)."""
+
+    isfinite = staticmethod(math.isfinite)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def clamp(v: Any, lo: float, hi: float) -> Any:
+        return min(max(v, lo), hi)
+
+
+class _Vector:
+    """The same operations elementwise on float64 tensors (per-sample decisions)."""
+
+    isfinite = staticmethod(torch.isfinite)
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def clamp(v: Tensor, lo: float, hi: float) -> Tensor:
+        return v.clamp(lo, hi)
+
+
+def pi_control(gains: PIGains, ratio: Any, prev_ratio: Any, h: Any) -> tuple[Any, Any, Any]:
     """One decision: ``(accepted, h_next, prev_next)`` from the error ``ratio`` of a step of
-    size ``|h|``, elementwise (float64 tensors of one shape).
+    size ``|h|``: Python floats for one decision, or float64 tensors of one shape for one
+    decision per element (the formula is written once, for both).
 
     Accepted where ``ratio <= 1``: the step grows by the PI factor (bounded by
     ``factor_min``/``factor_max``) and the ratio is remembered. Rejected: it shrinks by
     ``safety * ratio^(-1/order)`` (at most 1, at least ``factor_min``) and the memory is
     kept. A NaN or infinite ratio is a rejection with the hardest cut."""
-    finite = torch.isfinite(ratio)
+    ops: Any = _Vector if isinstance(ratio, Tensor) else _Scalar
+    finite = ops.isfinite(ratio)
     accepted = (ratio <= 1.0) & finite
-    r = torch.where(finite, ratio, torch.ones_like(ratio)).clamp(min=1e-10)
-    grow = (gains.safety * r ** (-gains.b1) * prev_ratio**gains.b2).clamp(
-        gains.factor_min, gains.factor_max
+    r = ops.clamp(ops.where(finite, ratio, 1.0), 1e-10, math.inf)
+    grow = ops.clamp(
+        gains.safety * r ** (-gains.b1) * prev_ratio**gains.b2, gains.factor_min, gains.factor_max
     )
-    shrink = (gains.safety * r ** (-1.0 / gains.order)).clamp(gains.factor_min, 1.0)
-    factor = torch.where(accepted, grow, shrink)
-    factor = torch.where(finite, factor, torch.full_like(factor, gains.factor_min))
-    prev_next = torch.where(accepted, r.clamp(min=1e-4), prev_ratio)
-    return accepted, h.abs() * factor, prev_next
+    shrink = ops.clamp(gains.safety * r ** (-1.0 / gains.order), gains.factor_min, 1.0)
+    factor = ops.where(finite, ops.where(accepted, grow, shrink), gains.factor_min)
+    prev_next = ops.where(accepted, ops.clamp(r, 1e-4, math.inf), prev_ratio)
+    return accepted, abs(h) * factor, prev_next
 
 
 def initial_step(

@@ -89,7 +89,8 @@ class Walk:
     def visit(self, state: State) -> None:
         """``state`` is complete: a step (or an accepted adaptive step) ended there."""
         self.last = state
-        self.sigmas.append(as_float(state.sigma))
+        sigma = state.sigma
+        self.sigmas.append(sigma if type(sigma) is float else as_float(sigma))
         if self.trajectory is not None:
             self.trajectory.append(state.x.clone())
 
@@ -116,8 +117,9 @@ def _fixed(
 ) -> None:
     """One step per interval of ``grid``."""
     n = len(grid) - 1
+    euler_end = last_step == "euler" and is_zero(grid[-1])
     for i, sigma_next in enumerate(grid[1:]):
-        if last_step == "euler" and is_zero(sigma_next):
+        if euler_end and i == n - 1:
             walk.visit(euler_into_zero(ode, walk.last))
         else:
             walk.visit(solver.step(ode, walk.last, sigma_next, options, StepInfo(i, n)))
@@ -158,7 +160,7 @@ def _shared(
     steps are visited; ``walk.n_rejected`` counts the rest."""
     rtol, atol = options["rtol"], options["atol"]
     gains = _gains(solver)
-    prev = torch.ones((), dtype=_F64)
+    prev = 1.0
     h_abs: float | None = options.get("first_step")
     state = walk.last
     sigma = float(state.sigma)
@@ -197,10 +199,8 @@ def _shared(
             if not math.isfinite(ratio):
                 ode.raise_if_nonfinite()
             ode.forget_finite()
-            accepted, h_new, prev = pi_control(
-                gains, torch.tensor(ratio, dtype=_F64), prev, torch.tensor(h, dtype=_F64)
-            )
-            if bool(accepted):
+            accepted, h_new, prev = pi_control(gains, ratio, prev, h)
+            if accepted:
                 state, sigma = new, sigma_next
                 walk.visit(state)
                 # A step cut short to land on a grid point says nothing about the step size
