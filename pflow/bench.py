@@ -9,35 +9,69 @@ interrupted sweep loses nothing and ``resume`` skips what is done.
 Under ``torchrun`` every rank solves its shard of the samples (:mod:`pflow.distributed`);
 adaptive solvers share step decisions across ranks, rank 0 gathers the samples, computes
 the errors and metrics and writes the files, so the rows equal a single process's.
+
+What a row or a reference is reused on is its full key (:func:`row_key`,
+:func:`reference_key`): the model's content hash (:func:`pflow.identity.model_identity`),
+the sample shape, samples, seed and noise kind, the grid, the solver with its resolved
+options, the tolerance, the reference's tolerance and ``last_step``, the dtypes, device
+kind and pflow version. ``resume`` reuses a row of ``bench.json`` only when every part
+matches, says on stderr how many rows it reused and why the others were recomputed, and
+keeps (marked ``kept``) the earlier rows this run does not produce. A cached reference
+carries its key in the file's metadata and is checked on load: a corrupt or mismatched
+file is recomputed with a one-line warning; a non-finite reference is an error.
+
+One run at a time per ``out`` folder: the run holds an exclusive ``flock`` on
+``out/.pflow-bench.lock``; a second run into the same folder refuses at once with an
+error naming the holder's pid (it does not wait). Files are written atomically with the
+mode the umask gives (``0666 & ~umask``).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import importlib
+import inspect
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .distributed import World
+from .errors import MaxNFEExceeded, NonFiniteError
+from .identity import model_identity
 from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
 from .model import EpsModel
 from .noise import keyed_randn, noise_keys
 from .solve import sample
-from .solvers import Solver, parse_solver
+from .solvers import Solver, parse_solver, resolve_options
 from .zoo.registry import BundledModel, load_model
 
-__all__ = ["BenchConfig", "Row", "run_bench", "format_table"]
+__all__ = [
+    "BenchConfig",
+    "Row",
+    "format_table",
+    "key_changes",
+    "plan_resume",
+    "read_rows",
+    "reference_key",
+    "row_key",
+    "run_bench",
+]
+
+LOCK_NAME = ".pflow-bench.lock"
 
 
 @dataclass
@@ -47,7 +81,8 @@ class BenchConfig:
     names diffusers schedulers (see :mod:`pflow.integrations.diffusers_peers`) that drive
     the same network from the same noise at every ``steps``. ``ref_tol`` defaults to the
     model's own (:class:`~pflow.zoo.registry.BundledModel`). ``grid_nfe``: the NFE near
-    which each solver's samples are drawn in ``samples.png``."""
+    which each solver's samples are drawn in ``samples.png``. ``resume`` reuses the rows
+    of ``out/bench.json`` whose key matches (see the module docstring)."""
 
     model: str = "digits"
     solvers: Sequence[str] = ("euler", "heun", "dpmpp_2m", "unipc", "ipndm", "rk45")
@@ -71,7 +106,9 @@ class BenchConfig:
 
 @dataclass
 class Row:
-    """One solver at one setting."""
+    """One solver at one setting. ``run_key`` is everything that produced it
+    (:func:`row_key`); ``kept`` marks a row of an earlier run that the run which wrote
+    the file did not produce (another configuration: see ``run_key``)."""
 
     solver: str
     spacing: str
@@ -84,16 +121,67 @@ class Row:
     wall_s: float
     peer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    kept: bool = False
+    run_key: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> str:
+        """Which cell of the sweep the row is (solver label, grid, steps or tolerance)."""
+        return _setting(self.solver, self.spacing, self.steps, self.tol, self.peer)
 
     @property
     def key(self) -> str:
-        return f"{self.solver}|{self.spacing}|{self.steps}|{self.tol}"
+        """The row's full key as canonical JSON (see :func:`row_key`)."""
+        return _canonical(self.run_key)
+
+
+def _setting(solver: str, spacing: str, steps: int | None, tol: float | None, peer: bool) -> str:
+    return f"{solver}|{spacing}|{steps}|{tol}" + ("|peer" if peer else "")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data that survives a round trip through a file unchanged."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: ``0666 & ~umask``."""
+    return 0o666 & ~_umask()
 
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes 0600 whatever the umask
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -102,13 +190,383 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _check_out(out: Path) -> None:
+    """``out`` exists (made if needed) and a file can be created in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(
+            f"out folder {str(out)!r} is not writable ({exc.strerror or exc})"
+        ) from None
+
+
+class _OutLock:
+    """An exclusive ``flock`` on ``out/.pflow-bench.lock`` for the run; a second run into
+    the same folder gets a ValueError naming the holder's pid (no waiting). The lock goes
+    with the process (a killed run leaves no stale lock); the file stays."""
+
+    def __init__(self, out: Path) -> None:
+        import fcntl
+
+        path = out / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise ValueError(
+                f"out folder {str(out)!r}: cannot open its lock file ({exc.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise ValueError(
+                    f"out folder {str(out)!r}: cannot lock {LOCK_NAME} ({exc.strerror}); "
+                    "use a folder on a local file system"
+                ) from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"out folder {str(out)!r} is in use by another pflow bench (pid {holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def _lock_out(out: Path) -> _OutLock | None:
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # no flock (Windows): runs into one folder are not guarded
+        return None
+    return _OutLock(out)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if value is _MISSING:
+        return "(none)"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+_MISSING = object()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two keys, one phrase per part in ``new``'s order:
+    ``["samples changed 16 -> 64", ...]`` (a 64-hex digest shows its first 12 digits)."""
+    a, b = _flat(old), _flat(new)
+    names = list(b) + [k for k in a if k not in b]
+    return [
+        f"{k} changed {_short(a.get(k, _MISSING))} -> {_short(b.get(k, _MISSING))}"
+        for k in names
+        if a.get(k, _MISSING) != b.get(k, _MISSING)
+    ]
+
+
+def _schedule_ends(model: Any) -> dict[str, float | None]:
+    schedule = getattr(model, "schedule", None)
+    hi = getattr(schedule, "sigma_max", None)
+    lo = getattr(schedule, "sigma_min", None)
+    return {
+        "from": float(hi) if hi is not None else None,
+        "via": float(lo) if lo is not None else None,
+        "to": 0.0,
+    }
+
+
+def _factory_source(name: str) -> str | None:
+    """For a ``module:factory`` model, a digest of the module's source file (so an edit
+    of the factory's code changes the key even where the model's tensors do not)."""
+    if ":" not in name:
+        return None
+    try:
+        module = importlib.import_module(name.partition(":")[0])
+        source = inspect.getsourcefile(module)
+        data = Path(source).read_bytes() if source else None
+    except (ImportError, OSError, TypeError):
+        return None
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def _model_part(config_model: str, bundle: BundledModel) -> dict[str, Any]:
+    """The model's part of every key: its content hash, the sample shape, the
+    ``last_step`` policy and, for a ``module:factory``, its module's source digest."""
+    part: dict[str, Any] = {
+        "id": model_identity(bundle.model),
+        "shape": [int(n) for n in bundle.shape],
+        "last_step": bundle.last_step,
+    }
+    code = _factory_source(config_model)
+    if code is not None:
+        part["code"] = code
+    return part
+
+
+def reference_key(
+    model_part: dict[str, Any], bundle: BundledModel, samples: int, seed: int, ref_tol: float
+) -> dict[str, Any]:
+    """Everything that changes the reference endpoint: the model (``model_part``, see
+    :func:`run_bench`), the noise (seed, samples, kind), the grid ends, the solve (float64
+    ``rk45`` at ``rtol = atol = ref_tol``) and ``last_step``."""
+    return _jsonable(
+        {
+            "kind": "pflow-reference",
+            "version": 1,
+            "model": dict(model_part),
+            "samples": int(samples),
+            "seed": int(seed),
+            "noise": "keyed",
+            "grid": _schedule_ends(bundle.model),
+            "solver": "rk45",
+            "dtype": "float64",
+            "tol": float(ref_tol),
+            "last_step": bundle.last_step,
+        }
+    )
+
+
+def _metric_kind(bundle: BundledModel) -> str | None:
+    if bundle.exact is not None:
+        return "nll"
+    return {"digits": "fd", "moons": "sw2"}.get(bundle.name)
+
+
+def run_key_base(
+    config: BenchConfig,
+    bundle: BundledModel,
+    model_part: dict[str, Any],
+    ref_tol: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The parts of a row's key that the whole run shares."""
+    from . import __version__
+
+    metric: dict[str, Any] = {"name": _metric_kind(bundle)}
+    if bundle.exact is not None and bundle.exact is not bundle.model:
+        metric["exact"] = model_identity(bundle.exact)
+    return _jsonable(
+        {
+            "model": model_part,
+            "samples": int(config.samples),
+            "seed": int(config.seed),
+            "noise": "keyed",
+            "dtype": "float32",
+            "net_dtype": config.net_dtype,
+            "compile": bool(config.compile),
+            "device": device.type,
+            "reference": {
+                "solver": "rk45",
+                "dtype": "float64",
+                "tol": float(ref_tol),
+                "last_step": bundle.last_step,
+            },
+            "metric": metric,
+            "pflow": __version__,
+        }
+    )
+
+
+def row_key(
+    base: dict[str, Any],
+    solver: str,
+    spacing: str,
+    steps: int | None,
+    tol: float | None,
+    peer: bool,
+    model_last_step: str,
+) -> dict[str, Any]:
+    """A row's full key: the run's parts (:func:`run_key_base`), the solver label with
+    its resolved options and ``last_step``, the grid options, the tolerance. Two rows with
+    equal keys are the same computation."""
+    key = dict(base)
+    if peer:
+        try:
+            from importlib.metadata import version
+
+            lib = version("diffusers")
+        except Exception:  # noqa: BLE001 - not installed: the run fails later, naming it
+            lib = None
+        key.update(solver=solver, peer=True, options={"diffusers": lib})
+        key["grid"] = {"spacing": "diffusers", "steps": int(steps or 0)}
+        key["tol"] = None
+        return _jsonable(key)
+    spec, from_label = parse_solver(solver)
+    options = resolve_options(spec, from_label, {}, solver)
+    if spec.stochastic:  # the noise is keyed by the run's seed and each sample's index
+        options.pop("seed", None)
+        options.pop("generator", None)
+    if tol is not None:
+        options.update(rtol=float(tol), atol=float(tol))
+        grid: dict[str, Any] = {"spacing": "adaptive"}
+    else:
+        grid = {"spacing": spacing, "steps": int(steps or 0), "steps_offset": 0}
+        grid["set_alpha_to_one"] = True
+        if spacing == "karras":
+            grid["rho"] = 7.0
+    key.update(
+        solver=solver,
+        peer=False,
+        options=options,
+        last_step=last_step_for(spec, model_last_step),
+        grid=grid,
+        tol=None if tol is None else float(tol),
+    )
+    return _jsonable(key)
+
+
+# ---------------------------------------------------------------------------- resume
+
+_ROW_TYPES: dict[str, tuple[tuple[type, ...], str, bool]] = {
+    # name: (accepted types, what is expected, may be null)
+    "solver": ((str,), "a string", False),
+    "spacing": ((str,), "a string", False),
+    "steps": ((int,), "an integer or null", True),
+    "tol": ((int, float), "a number or null", True),
+    "nfe": ((int,), "an integer", False),
+    "rmse": ((int, float), "a number", False),
+    "metric": ((int, float), "a number or null", True),
+    "metric_name": ((str,), "a string", False),
+    "wall_s": ((int, float), "a number", False),
+    "peer": ((bool,), "true or false", False),
+    "extra": ((dict,), "an object", False),
+    "kept": ((bool,), "true or false", False),
+    "run_key": ((dict,), "an object", False),
+}
+_ROW_OPTIONAL = {"peer", "extra", "kept", "run_key"}
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, list):
+        return f"a JSON list of {len(data)} items"
+    if isinstance(data, dict):
+        return "a JSON object without a 'rows' list"
+    return f"JSON {type(data).__name__} {str(data)[:40]!r}"
+
+
+def _row_from_dict(r: Any, where: str) -> Row:
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: expected a row object, got {_describe(r)}")
+    values: dict[str, Any] = {}
+    for name, (types, what, nullable) in _ROW_TYPES.items():
+        if name not in r:
+            if name in _ROW_OPTIONAL:
+                continue
+            raise ValueError(f"{where}: field {name!r} is missing (expected {what})")
+        v = r[name]
+        ok = (v is None and nullable) or (
+            isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        )
+        if not ok:
+            raise ValueError(f"{where}: field {name!r} must be {what}, got {v!r}")
+        values[name] = v
+    return Row(**values)
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The rows of a ``bench.json``; a file that is not one gives a ValueError naming
+    it and what was expected."""
+    where = f"resume file {str(path)!r}"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{where} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{where} is not text (expected bench.json written by pflow bench)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            "delete it or run without --resume"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(
+            f"{where}: expected a JSON object with a 'rows' list (pflow bench's bench.json), "
+            f"got {_describe(data)}"
+        )
+    return [_row_from_dict(r, f"{where}: row {i}") for i, r in enumerate(data["rows"])]
+
+
+@dataclass
+class ResumePlan:
+    """Which of this run's rows an earlier file provides (``reused``, by setting), why
+    the others are computed (``reasons``), and the earlier rows by setting."""
+
+    reused: dict[str, Row]
+    reasons: dict[str, str]
+    earlier: dict[str, Row]
+
+    @property
+    def untouched(self) -> list[Row]:
+        """Earlier rows of settings this run does not have: kept in the files."""
+        touched = set(self.reused) | set(self.reasons)
+        return [r for s, r in self.earlier.items() if s not in touched]
+
+    def summary(self) -> str:
+        counts = Counter(self.reasons.values())
+        line = f"{len(self.reused)} rows reused; {len(self.reasons)} recomputed"
+        if counts:
+            parts = [f"{why} ({n})" if len(counts) > 1 else why for why, n in counts.items()]
+            line += ": " + "; ".join(parts)
+        kept = len(self.untouched)
+        if kept:
+            line += f"; {kept} earlier rows of other settings kept in the files"
+        return line
+
+
+def plan_resume(earlier: Sequence[Row], wanted: dict[str, dict[str, Any]]) -> ResumePlan:
+    """Match ``earlier`` rows against this run's ``wanted`` keys (setting -> key): a row
+    is reused only when its whole key equals the wanted one."""
+    by_setting = {r.setting: r for r in earlier}
+    reused: dict[str, Row] = {}
+    reasons: dict[str, str] = {}
+    for setting, key in wanted.items():
+        old = by_setting.get(setting)
+        if old is None:
+            reasons[setting] = "not in the earlier run"
+        elif not old.run_key:
+            reasons[setting] = "earlier row has no key (older pflow)"
+        elif _canonical(old.run_key) == _canonical(key):
+            reused[setting] = old
+        else:
+            reasons[setting] = ", ".join(key_changes(old.run_key, key))
+    return ResumePlan(reused, reasons, by_setting)
+
+
+# ---------------------------------------------------------------------------- reference
+
+
 def _noise(bundle: BundledModel, indices: range, seed: int) -> torch.Tensor:
     keys = noise_keys(seed, indices)
     return keyed_randn(keys, bundle.shape, dtype=torch.float64)
 
 
-def _reference_paths(cache_dir: Path | None, cache_key: str) -> list[Path]:
-    digest = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+def _reference_paths(cache_dir: Path | None, key: dict[str, Any]) -> list[Path]:
+    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
     # The package ships the reference of the default benchmark (digits, 128 samples,
     # seed 0, rtol = atol = 1e-7), made by benchmarks/published.py; a run's own cache
     # comes first.
@@ -117,13 +575,62 @@ def _reference_paths(cache_dir: Path | None, cache_key: str) -> list[Path]:
     return [*own, shipped]
 
 
-def _load_reference(paths: list[Path], shape: torch.Size) -> tuple[torch.Tensor, int] | None:
+def _warn(message: str) -> None:
+    print(f"pflow bench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _read_reference(
+    path: Path, shape: torch.Size, key: dict[str, Any]
+) -> tuple[torch.Tensor, int] | str:
+    """The cached endpoint and its NFE, or why the file cannot be used."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            if not {"x", "nfe"} <= names:
+                return "it lacks the tensors 'x' and 'nfe'"
+            stored = json.loads(meta["key"]) if "key" in meta else None
+            if not isinstance(stored, dict):
+                return "it has no key in its metadata"
+            if _canonical(stored) != _canonical(key):
+                return "it was made for another setup (" + ", ".join(key_changes(stored, key)) + ")"
+            x, nfe = f.get_tensor("x"), f.get_tensor("nfe")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is recomputed
+        return f"it is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    if x.shape != shape or x.dtype != torch.float64:
+        return f"it holds {x.dtype} {tuple(x.shape)}, expected float64 {tuple(shape)}"
+    if not bool(torch.isfinite(x).all()):
+        return "it holds non-finite values"
+    return x, int(nfe.item())
+
+
+def _load_reference(
+    paths: list[Path], shape: torch.Size, key: dict[str, Any]
+) -> tuple[torch.Tensor, int] | None:
     for candidate in paths:
         if candidate.exists():
-            loaded = load_file(str(candidate))
-            if loaded["x"].shape == shape:
-                return loaded["x"], int(loaded["nfe"].item())
+            got = _read_reference(candidate, shape, key)
+            if not isinstance(got, str):
+                return got
+            _warn(f"reference cache {str(candidate)!r} not used: {got}; recomputing")
     return None
+
+
+def _save_reference(path: Path, x: torch.Tensor, nfe: int, key: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(
+            {"x": x.contiguous(), "nfe": torch.tensor(nfe)},
+            tmp,
+            metadata={"key": _canonical(key)},
+        )
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def reference_endpoint(
@@ -131,12 +638,16 @@ def reference_endpoint(
     noise64: torch.Tensor,
     ref_tol: float,
     cache_dir: Path | None,
-    cache_key: str,
+    cache_key: dict[str, Any],
     world: World | None = None,
     n_total: int | None = None,
 ) -> tuple[torch.Tensor | None, int]:
     """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
-    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk.
+    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk under
+    ``cache_key`` (:func:`reference_key`), which the file's metadata carries and a load
+    checks: a corrupt or mismatched file is recomputed with a warning on stderr. A solve
+    that fails or ends non-finite raises :class:`~pflow.errors.NonFiniteError` (or
+    :class:`~pflow.errors.MaxNFEExceeded`) naming the reference.
 
     Under a :class:`~pflow.distributed.World` of several ranks ``noise64`` is this rank's
     shard of ``n_total`` samples; the solve shares its steps across ranks and the whole
@@ -146,34 +657,40 @@ def reference_endpoint(
     paths = _reference_paths(cache_dir, cache_key)
     cached = None
     if world.is_main:
-        cached = _load_reference(paths, torch.Size([n_total, *noise64.shape[1:]]))
+        cached = _load_reference(paths, torch.Size([n_total, *noise64.shape[1:]]), cache_key)
     if world.broadcast(cached is not None):
         return (cached[0], cached[1]) if cached is not None else (None, 0)
     model = bundle.model
     model64 = (
         model.to(dtype=torch.float64, device=world.device) if isinstance(model, EpsModel) else model
     )
-    res = sample(
-        model64,  # type: ignore[arg-type]
-        noise64.to(world.device),
-        "rk45",
-        rtol=ref_tol,
-        atol=ref_tol,
-        last_step=bundle.last_step,  # type: ignore[arg-type]
-        process_group=world.group,
-    )
-    x = world.gather(res.x, n_total)
-    if x is not None and cache_dir is not None:
-        path = paths[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            {"x": x.contiguous(), "nfe": torch.tensor(res.nfe)},
-            str(tmp),
-            metadata={"key": cache_key},
+    what = f"reference solve (float64 rk45, tol {ref_tol:g}) of model {bundle.name!r}"
+    try:
+        res = sample(
+            model64,  # type: ignore[arg-type]
+            noise64.to(world.device),
+            "rk45",
+            rtol=ref_tol,
+            atol=ref_tol,
+            last_step=bundle.last_step,  # type: ignore[arg-type]
+            process_group=world.group,
         )
-        os.replace(tmp, path)
+    except (NonFiniteError, MaxNFEExceeded) as exc:
+        raise type(exc)(f"{what}: {_one_line(exc)}") from None
+    x = world.gather(res.x, n_total)
+    bad = world.broadcast(None if x is None else int((~torch.isfinite(x)).flatten(1).any(1).sum()))
+    if bad:
+        raise NonFiniteError(
+            f"{what} is not finite for {bad} of {n_total} samples; no row can be scored against it"
+        )
+    if x is not None and cache_dir is not None:
+        _save_reference(paths[0], x, res.nfe, cache_key)
     return x, res.nfe
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_label(
@@ -245,6 +762,8 @@ def _validate(config: BenchConfig) -> None:
             raise ValueError(f"tols must be > 0, got {tol!r}")
     if config.samples < 1:
         raise ValueError(f"samples must be >= 1, got {config.samples}")
+    if config.resume and not config.out:
+        raise ValueError("resume needs an out folder (out, --out) holding the earlier bench.json")
     bs = config.batch_size
     if bs is not None and (isinstance(bs, bool) or int(bs) != bs or bs < 1):
         raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
@@ -282,99 +801,139 @@ def distribution_metric(bundle: BundledModel, x: torch.Tensor) -> tuple[float | 
     """The model's distribution-quality number for samples ``x``: the exact mixture's NLL,
     the digits classifier's Fréchet distance, or the sliced Wasserstein distance to the
     2-D data."""
-    if bundle.exact is not None:
-        return gmm_nll(bundle.exact, x), "nll"
-    if bundle.name == "digits":
+    kind = _metric_kind(bundle)
+    if kind == "nll":
+        return gmm_nll(bundle.exact, x), "nll"  # type: ignore[arg-type]
+    if kind == "fd":
         return digits_fd(x), "fd"
-    if bundle.name == "moons":
+    if kind == "sw2":
         from .zoo.data import moons_data
 
         return sliced_wasserstein(x, moons_data(4096, seed=1)), "sw2"
     return None, ""
 
 
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"out folder {str(out)!r} is not writable ({exc.strerror})") from None
-
-
 def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
     """Run the sweep; with ``config.out`` set, write ``bench.json`` and ``bench.csv`` after
     every row, then the plots. Under a :class:`~pflow.distributed.World` of several ranks
     every rank must call it; rank 0 returns the rows and writes the files, the others
-    return an empty list."""
+    return an empty list.
+
+    The out folder is checked (writable), locked (one run at a time; a second gets a
+    ValueError naming the holder's pid) and, with ``resume``, its ``bench.json`` read
+    before the model is loaded. The rows returned are this run's (reused or computed);
+    the files also keep the earlier rows this run does not produce, marked ``kept``."""
     world = world or World()
     _validate(config)
     out = Path(config.out) if config.out else None
+    lock: _OutLock | None = None
+    earlier: list[Row] | None = None
+    error: str | None = None
     if out is not None and world.is_main:
-        _check_out(out)
+        try:
+            _check_out(out)
+            lock = _lock_out(out)
+            if config.resume:
+                json_path = out / "bench.json"
+                earlier = read_rows(json_path) if json_path.exists() else []
+        except ValueError as exc:
+            error = str(exc)
+    try:
+        error = world.broadcast(error)
+        if error is not None:
+            raise ValueError(error)
+        return _sweep(config, world, out, earlier)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sweep(
+    config: BenchConfig, world: World, out: Path | None, earlier: list[Row] | None
+) -> list[Row]:
     bundle = load_model(config.model)
     if list(config.peers) == ["auto"]:
         config.peers = _auto_peers(bundle)
     ref_tol = config.ref_tol if config.ref_tol is not None else bundle.ref_tol
     if config.samples < world.size:
         raise ValueError(f"samples ({config.samples}) must be at least the number of ranks")
+    model_part = _model_part(config.model, bundle)
+    base = run_key_base(config, bundle, model_part, ref_tol, world.device)
+    todo = [(setting, row_key(base, *setting, bundle.last_step)) for setting in _settings(config)]
+    plan: ResumePlan | None = None
+    if world.is_main and earlier is not None and out is not None:
+        plan = plan_resume(earlier, {_setting(*s): k for s, k in todo})
+        where = str(out / "bench.json")
+        print(
+            f"pflow bench: resume from {where!r}: {plan.summary()}"
+            if (out / "bench.json").exists()
+            else f"pflow bench: resume: no {where!r} yet; computing all {len(todo)} rows",
+            file=sys.stderr,
+            flush=True,
+        )
+    reuse: set[str] = world.broadcast(set(plan.reused) if plan is not None else set())
+    # Earlier rows stay in the files until this run replaces them: an interrupted resume
+    # loses nothing.
+    pending: dict[str, Row] = dict(plan.earlier) if plan is not None else {}
+
     indices = world.shard(config.samples)
     noise64 = _noise(bundle, indices, config.seed).to(world.device)
     noise = noise64.float()
     model = prepare_model(bundle.model, world.device, config.net_dtype, config.compile)
-    key = json.dumps(
-        {
-            "model": config.model,
-            "samples": config.samples,
-            "seed": config.seed,
-            "noise": "keyed",
-            "ref_tol": ref_tol,
-            "last_step": bundle.last_step,
-        }
-    )
+    ref_key = reference_key(model_part, bundle, config.samples, config.seed, ref_tol)
     ref, ref_nfe = reference_endpoint(
         bundle,
         noise64,
         ref_tol,
         out / ".cache" if out else None,
-        key,
+        ref_key,
         world=world,
         n_total=config.samples,
     )
-    done: dict[str, Row] = {}
-    json_path = out / "bench.json" if out else None
-    if world.is_main and config.resume and json_path is not None and json_path.exists():
-        for r in json.loads(json_path.read_text()).get("rows", []):
-            row = Row(**r)
-            done[row.key] = row
-    done = world.broadcast(done)
+    reference = {
+        "solver": "rk45",
+        "dtype": "float64",
+        "tol": ref_tol,
+        "last_step": bundle.last_step,
+        "nfe": ref_nfe,
+        "key": ref_key,
+    }
+
+    def write(rows: list[Row]) -> None:
+        kept = [Row(**{**asdict(r), "kept": True}) for r in pending.values()]
+        _write(out, config, bundle, [*rows, *kept], reference)  # type: ignore[arg-type]
+
     rows: list[Row] = []
     grid_samples: dict[str, tuple[int, torch.Tensor]] = {}
-    todo = list(_settings(config))
     progress = _Progress(len(todo), config.quiet or not world.is_main)
-    for solver, spacing, steps, tol, peer in todo:
-        probe_key = Row(solver, spacing, steps, tol, 0, 0.0, None, "", 0.0).key
-        if probe_key in done:
-            rows.append(done[probe_key])
+    for (solver, spacing, steps, tol, peer), key in todo:
+        setting = _setting(solver, spacing, steps, tol, peer)
+        if setting in reuse:
+            if plan is not None:
+                rows.append(Row(**{**asdict(plan.reused[setting]), "kept": False}))
+                pending.pop(setting, None)
             progress.step(f"{solver} (resumed)")
             continue
         t0 = time.perf_counter()
-        if peer:
-            x, nfe = _run_peer(model, solver, noise, int(steps or 0), config.batch_size)
-            n_rej = 0
-        else:
-            spec = parse_solver(solver)[0]
-            kwargs: dict[str, Any] = {"last_step": last_step_for(spec, bundle.last_step)}
-            if tol is None:
-                kwargs.update(steps=steps, spacing=spacing)
+        where = f"solver {solver!r} ({spacing}, {steps if tol is None else f'tol {tol:g}'})"
+        try:
+            if peer:
+                x, nfe = _run_peer(model, solver, noise, int(steps or 0), config.batch_size)
+                n_rej = 0
             else:
-                kwargs.update(rtol=tol, atol=tol)
-            keys = noise_keys(config.seed, indices)
-            kwargs.update(shard_options(solver, world, keys, config.batch_size))
-            # The label goes to sample() as written: it parses and applies its options.
-            res = sample(model, noise, solver, **kwargs)
-            x, nfe, n_rej = res.x, res.nfe, res.n_rejected
+                spec = parse_solver(solver)[0]
+                kwargs: dict[str, Any] = {"last_step": last_step_for(spec, bundle.last_step)}
+                if tol is None:
+                    kwargs.update(steps=steps, spacing=spacing)
+                else:
+                    kwargs.update(rtol=tol, atol=tol)
+                keys = noise_keys(config.seed, indices)
+                kwargs.update(shard_options(solver, world, keys, config.batch_size))
+                # The label goes to sample() as written: it parses and applies its options.
+                res = sample(model, noise, solver, **kwargs)
+                x, nfe, n_rej = res.x, res.nfe, res.n_rejected
+        except (NonFiniteError, MaxNFEExceeded) as exc:  # the same error, naming the row
+            raise type(exc)(f"{where}: {_one_line(exc)}") from None
         wall = world.max(time.perf_counter() - t0)
         gathered = world.gather(x, config.samples)
         if gathered is None or ref is None:
@@ -394,20 +953,22 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
             metric_name,
             wall,
             peer=peer,
-            extra={"n_rejected": n_rej},
+            extra={"n_rejected": n_rej, "stochastic": stochastic},
+            run_key=key,
         )
         rows.append(row)
+        pending.pop(setting, None)
         label = f"{solver} ({spacing})" if not peer else f"{solver} (diffusers)"
         best = grid_samples.get(label)
         if best is None or abs(nfe - config.grid_nfe) < abs(best[0] - config.grid_nfe):
             grid_samples[label] = (nfe, x[:32].clone())
         if out is not None:
-            _write(out, config, bundle, rows, ref_nfe)
+            write(rows)
         progress.step(f"{solver} {spacing} {steps or tol}")
     if not world.is_main:
         return []
     if out is not None:
-        _write(out, config, bundle, rows, ref_nfe)
+        write(rows)
         if config.plots:
             _plots(out, bundle, rows, grid_samples, config)
     return rows
@@ -500,7 +1061,11 @@ def _plots(
 
 
 def _write(
-    out: Path, config: BenchConfig, bundle: BundledModel, rows: list[Row], ref_nfe: int
+    out: Path,
+    config: BenchConfig,
+    bundle: BundledModel,
+    rows: list[Row],
+    reference: dict[str, Any],
 ) -> None:
     payload = {
         "config": asdict(config),
@@ -510,7 +1075,7 @@ def _write(
             "shape": list(bundle.shape),
             "last_step": bundle.last_step,
         },
-        "reference": {"solver": "rk45", "dtype": "float64", "tol": config.ref_tol, "nfe": ref_nfe},
+        "reference": reference,
         "rows": [asdict(r) for r in rows],
     }
     _atomic_write(out / "bench.json", json.dumps(payload, indent=1))
@@ -525,6 +1090,11 @@ def _write(
         "metric_name",
         "wall_s",
         "peer",
+        "kept",
+        "samples",
+        "seed",
+        "model_id",
+        "key",
     ]
     lines: list[str] = []
 
@@ -535,7 +1105,16 @@ def _write(
     writer = csv.DictWriter(_Sink(), fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow(asdict(r))
+        k = r.run_key
+        writer.writerow(
+            {
+                **asdict(r),
+                "samples": k.get("samples"),
+                "seed": k.get("seed"),
+                "model_id": str((k.get("model") or {}).get("id", ""))[:12],
+                "key": hashlib.sha256(r.key.encode()).hexdigest()[:16] if k else "",
+            }
+        )
     _atomic_write(out / "bench.csv", "".join(lines))
 
 
@@ -548,7 +1127,10 @@ def format_table(rows: Sequence[Row]) -> str:
         setting = str(r.steps) if r.steps is not None else f"{r.tol:g}"
         metric = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
         name = r.solver + (" (diffusers)" if r.peer else "")
-        rmse = "n/a (stochastic)" if math.isnan(r.rmse) else f"{r.rmse:.3e}"
+        if math.isnan(r.rmse):
+            rmse = "n/a (stochastic)" if r.extra.get("stochastic", True) else "nan"
+        else:
+            rmse = f"{r.rmse:.3e}"
         body.append([name, r.spacing, setting, str(r.nfe), rmse, metric, f"{r.wall_s:.2f}"])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

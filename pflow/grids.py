@@ -14,7 +14,10 @@ the grid DPM-Solver uses.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule
 
-__all__ = ["SPACINGS", "get_sigmas", "validate_sigmas"]
+__all__ = ["SPACINGS", "check_grid_options", "get_sigmas", "validate_sigmas"]
 
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
 
@@ -30,6 +33,28 @@ SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras",
 # through float32 (a user's grid tensor) may differ in its last bits. Entries within the
 # slack are snapped onto the range's end.
 _RANGE_RTOL = 1e-6
+
+
+def check_grid_options(*, steps_offset: Any = 0, rho: Any = 7.0) -> tuple[int, float]:
+    """``steps_offset`` as a non-negative int and ``rho`` as a finite float > 0; a
+    TypeError (wrong type) or ValueError (bad value) naming the argument otherwise."""
+    offset = None
+    if not isinstance(steps_offset, (bool, float, Tensor)):
+        try:
+            offset = operator.index(steps_offset)
+        except TypeError:
+            pass
+    if offset is None:
+        raise TypeError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+    if offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float, np.integer, np.floating)):
+        raise TypeError(f"rho (the karras grid's exponent) must be a number > 0, got {rho!r}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(
+            f"rho (the karras grid's exponent) must be a finite number > 0 (7 in EDM), got {rho!r}"
+        )
+    return offset, float(rho)
 
 
 def _timesteps(spacing: str, n_train: int, steps: int, steps_offset: int) -> np.ndarray:
@@ -82,20 +107,25 @@ def get_sigmas(
         steps: number of solver steps (intervals), at least 1.
         spacing: one of ``leading``, ``trailing``, ``linspace`` (diffusers' DDIM choices),
             ``uniform``, ``quadratic`` (DDIM paper), ``karras`` (EDM), ``logsnr``.
-        steps_offset: added to every timestep of ``leading`` (diffusers' ``steps_offset``).
+        steps_offset: added to every timestep of ``leading`` (diffusers' ``steps_offset``),
+            a non-negative integer.
         set_alpha_to_one: end the grid at ``sigma = 0`` (``a = 1``) when true, else at the
             first training step's sigma. A final step of zero length is dropped, so the grid
             may then have one entry fewer than ``steps + 1``.
         sigma_min, sigma_max: range of ``karras`` and ``logsnr`` grids; the schedule's by
             default.
-        rho: EDM's exponent for ``karras`` (7 in the paper).
+        rho: EDM's exponent for ``karras`` (7 in the paper), a number > 0.
 
     Returns:
         float64 tensor of sigmas, strictly decreasing.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     steps = int(steps)
+    steps_offset, rho = check_grid_options(steps_offset=steps_offset, rho=rho)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
     n_train = schedule.num_train_timesteps

@@ -109,7 +109,8 @@ class EpsModel:
 
     Raises:
         TypeError: ``net`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, or
-            ``net_dtype`` is not ``None`` or a floating ``torch.dtype``.
+            ``t_dtype`` or ``net_dtype`` is not ``None`` or a floating ``torch.dtype``
+            (``quantize=True`` is how a network gets integer timesteps).
         ValueError: an unknown ``prediction``.
 
     ``model(xbar, sigma)`` returns ``eps`` in ``xbar``'s dtype. Conversion coefficients are
@@ -145,7 +146,7 @@ class EpsModel:
         self.schedule = schedule
         self.prediction: Prediction = prediction
         self.quantize = bool(quantize)
-        self.t_dtype = t_dtype
+        self.t_dtype = None if t_dtype is None else _check_float_dtype(t_dtype, "t_dtype")
         self.net_dtype = None if net_dtype is None else _check_float_dtype(net_dtype, "net_dtype")
         # Set by compile(): the network before torch.compile and the arguments it got.
         self._eager_net: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -271,7 +272,9 @@ class EpsModel:
         when quantized, else ``t_dtype`` or else ``like``'s dtype."""
         dtype = self.t_dtype or like.dtype
         if isinstance(sigma, Tensor) and sigma.ndim > 0:
-            t = self.schedule.sigma_to_t(sigma.reshape(-1).to(like.device))
+            # The driver's per-sample sigmas: the unchecked map (the public sigma_to_t
+            # checks a tensor's values, one host sync, which a network call must not pay).
+            t = self.schedule._sigma_to_t_torch(sigma.reshape(-1).to(like.device))
             if self.quantize:
                 return t.round().long()
             return t.to(dtype)

@@ -8,7 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .model import ODEModel
+from .errors import MaxNFEExceeded
+from .model import EpsModel, ODEModel
 from .solve import SolveResult, sample
 
 __all__ = ["reference", "REFERENCE_SOLVER"]
@@ -69,19 +70,66 @@ def reference(
 
     Returns:
         A float64 :class:`~pflow.SolveResult`.
+
+    Raises:
+        TypeError: the model's network is not float64 (its parameters are checked when it
+            is an ``nn.Module`` or an :class:`~pflow.EpsModel` of one; for another callable
+            the dtype error of its first call is explained). The model is never cast
+            behind your back: pass ``model.to(torch.float64)`` (an ``EpsModel``) or a
+            network made float64 with ``net.double()``.
     """
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point torch.Tensor")
-    return sample(
-        model,
-        noise.to(torch.float64),
-        solver,
-        sigmas=sigmas,
-        rtol=rtol,
-        atol=atol,
-        max_nfe=max_nfe,
-        last_step=last_step,
-        return_partial=return_partial,
-        batch_size=batch_size,
-        process_group=process_group,
+    low = _low_precision_parameters(model)
+    if low is not None:
+        raise TypeError(_float64_needed(model, f"its network's parameters are {low}"))
+    try:
+        return sample(
+            model,
+            noise.to(torch.float64),
+            solver,
+            sigmas=sigmas,
+            rtol=rtol,
+            atol=atol,
+            max_nfe=max_nfe,
+            last_step=last_step,
+            return_partial=return_partial,
+            batch_size=batch_size,
+            process_group=process_group,
+        )
+    except RuntimeError as exc:  # a callable whose parameters could not be inspected
+        if isinstance(exc, MaxNFEExceeded) or not _is_dtype_error(exc):
+            raise
+        raise TypeError(_float64_needed(model, f"calling it failed: {exc}")) from exc
+
+
+def _low_precision_parameters(model: ODEModel) -> torch.dtype | None:
+    """The dtype of the first floating parameter or buffer that is not float64, of the
+    ``nn.Module`` behind ``model`` (itself, or an EpsModel's network); ``None`` when all
+    are float64 or there is no module to look at. An EpsModel with ``net_dtype`` runs its
+    network in that dtype by design and is not flagged."""
+    net: object = model
+    if isinstance(model, EpsModel):
+        if model.net_dtype is not None:
+            return None
+        net = model.eager_net
+    if not isinstance(net, torch.nn.Module):
+        return None
+    for t in (*net.parameters(), *net.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float64:
+            return t.dtype
+    return None
+
+
+def _is_dtype_error(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("dtype", "Double and Float", "scalar type", "Half", "BFloat"))
+
+
+def _float64_needed(model: ODEModel, why: str) -> str:
+    how = (
+        "pass model.to(torch.float64)"
+        if isinstance(model, EpsModel)
+        else "pass a float64 model (net.double(), or EpsModel(...).to(torch.float64))"
     )
+    return f"reference() solves in float64 and needs a float64 model, but {why}; {how}"

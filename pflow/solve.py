@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .grids import get_sigmas, validate_sigmas
+from .grids import check_grid_options, get_sigmas, validate_sigmas
 from .model import ODEModel
 from .schedule import NoiseSchedule
 from .solvers import PFODE, Solver, available_solvers, get_solver, parse_solver, resolve_options
@@ -73,6 +73,26 @@ def _check_state(name: str, x: Any) -> Tensor:
             f"{name} must have shape (batch, ...) with batch >= 1, got {tuple(x.shape)}"
         )
     return x
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    """A non-finite input state is the caller's, not the model's: say so before any network
+    call. One reduction and one host sync per solve (a float64 sum is finite exactly when
+    every entry is, unless float64 values overflow it: the exact test settles that case)."""
+    x = x.detach()
+    if bool(torch.isfinite(torch.sum(x, dtype=torch.float64))):
+        return
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return  # finite entries whose float64 sum overflowed
+    count = int(bad.sum())
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    value = float(x[first])
+    raise ValueError(
+        f"{name} must be finite: it has {count} NaN/inf value(s) of {x.numel()} "
+        f"(the first, {value}, at index {first}); the input state is checked before the "
+        "model is called"
+    )
 
 
 def _check_size(model: ODEModel, x: Tensor, name: str) -> None:
@@ -206,6 +226,7 @@ def run(
     check happens before the first network call."""
     x = _check_state(name, x)
     _check_size(model, x, name)
+    _check_finite(name, x)
     label = solver if isinstance(solver, str) else getattr(solver, "name", repr(solver))
     spec, from_label = parse_solver(solver)  # type: ignore[arg-type]
     given = dict(solver_options or {})
@@ -221,6 +242,7 @@ def run(
     options = resolve_options(spec, from_label, given, label)
     if max_nfe is not None:
         max_nfe = _positive_int("max_nfe", max_nfe)
+    steps_offset, rho = check_grid_options(steps_offset=steps_offset, rho=rho)
     grid_options: dict[str, Any] = {
         "steps_offset": steps_offset,
         "set_alpha_to_one": set_alpha_to_one,

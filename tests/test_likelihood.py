@@ -3,6 +3,7 @@ density is known in closed form at every sigma."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -213,7 +214,19 @@ def test_bad_arguments_are_named(kwargs, match):
         log_likelihood(gmm, _data(gmm, 2), **kwargs)
 
 
-def test_nll_command_on_the_bundled_mixture(capsys):
-    assert main(["nll", "--model", "gmm", "--n", "8", "--rtol", "1e-4", "--atol", "1e-4"]) == 0
+def test_nll_command_on_the_bundled_mixture(tmp_path, capsys):
+    out_file = tmp_path / "nll.json"
+    args = ["nll", "--model", "gmm", "--n", "8", "--rtol", "1e-4", "--atol", "1e-4"]
+    assert main([*args, "--out", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert "bits/dim" in out and "NFE" in out and "+-" in out
+    record = json.loads(out_file.read_text())
+    assert record["complete"] and record["samples"] == 8 and record["divergence"] == "exact"
+    assert len(record["per_sample_bits_per_dim"]) == 8
+    per_sample = sum(record["per_sample_bits_per_dim"]) / 8
+    assert abs(per_sample - record["bits_per_dim"]) < 1e-9
+    assert f"bits/dim: {record['bits_per_dim']:.4f}" in out
+    # --probes and --noise belong to the Hutchinson estimate: a usage error without it.
+    assert main(["nll", "--model", "gmm", "--n", "2", "--noise", "gaussian"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --noise" in err and "--hutchinson" in err and err.count("\n") == 1

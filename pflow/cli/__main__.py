@@ -2,6 +2,10 @@
 
 import sys
 
-from . import main
+try:
+    from . import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still importing
+    print("pflow: interrupted; nothing written", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -9,21 +9,172 @@ one-line error before any model is loaded or any network call is made.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CommandError",
+    "Interrupted",
+    "UsageError",
     "add_scale_args",
+    "available_memory",
     "check_direction",
+    "check_input",
+    "check_out",
     "check_tolerances",
     "float_list",
     "int_list",
     "label_list",
+    "load_bundle",
     "name_list",
     "positive_int",
     "solver_label",
     "split_labels",
+    "write_atomic",
 ]
+
+
+# ---------------------------------------------------------------- errors
+class UsageError(ValueError):
+    """The command line (or an input file named on it) is wrong: ``pflow`` prints the
+    message on one line and exits 2, as argparse does."""
+
+
+class CommandError(RuntimeError):
+    """The command ran and failed (a user's model factory raised, a file could not be
+    read): ``pflow`` prints the message on one line and exits 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C), with what the command did about it ("wrote the 96 finished
+    samples of 1000 to x.npy"): ``pflow`` prints it on one line and exits 130."""
+
+
+# ---------------------------------------------------------------- files
+def _nearest_existing(path: Path) -> Path:
+    anc = path
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    return anc
+
+
+def check_out(
+    text: str, flag: str = "--out", *, suffixes: Sequence[str] = (), folder: bool = False
+) -> Path:
+    """``text`` as an output path that can be written, checked before any model is loaded
+    or anything is computed: the suffix is one of ``suffixes`` (a file) or the path is
+    not a file (``folder``); the nearest existing folder above it (missing folders are
+    made when writing) is a folder in which a file can be created (tried, not guessed
+    from permission bits: a read-only mount, ``/sys`` and root squash all fail here).
+    A :class:`UsageError` naming ``flag`` otherwise."""
+    path = Path(text).expanduser()
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"argument {flag}: {text} is a file; expected a folder")
+    else:
+        if path.is_dir():
+            raise UsageError(f"argument {flag}: {text} is a folder; expected a file name")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise UsageError(
+                f"argument {flag}: expected a file ending in {', '.join(suffixes)}, "
+                f"got {path.name!r}"
+            )
+    start = path if folder else path.parent
+    anc = _nearest_existing(start.absolute())
+    if not anc.is_dir():
+        raise UsageError(f"argument {flag}: cannot write {text}: {anc} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".pflow-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"argument {flag}: cannot write {text}: folder {anc} is not writable "
+            f"({exc.strerror or exc})"
+        ) from None
+    return path
+
+
+def check_input(text: str, what: str, suffixes: Sequence[str]) -> Path:
+    """``text`` as an existing input file with one of ``suffixes``; a
+    :class:`UsageError` naming ``what`` (``"argument input"``) otherwise."""
+    path = Path(text).expanduser()
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(
+            f"{what}: expected a file ending in {', '.join(suffixes)}, got {path.name!r}"
+        )
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"{what}: {text} {why}")
+    return path
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path`` (same suffix), then rename it
+    onto ``path``: an interrupted or failed write leaves no half-written ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (``MemAvailable`` on Linux,
+    else physical memory), or ``None`` when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- models
+def load_bundle(
+    name: str, loader: Callable[[str], Any] | None = None, flag: str = "--model"
+) -> Any:
+    """``load_model(name)`` (or ``loader(name)``) with its failures on one line: an unknown
+    bundled name is a :class:`UsageError`; anything a ``module:factory`` raises (on
+    import, in the factory, or a wrong return type) is a :class:`CommandError` naming
+    the factory. KeyboardInterrupt passes through."""
+    from ..zoo import registry
+
+    if ":" not in name and name not in registry.available_models():
+        raise UsageError(
+            f"argument {flag}: unknown model {name!r}; expected one of "
+            f"{', '.join(registry.available_models())} or module:factory"
+        )
+    load = loader if loader is not None else registry.load_model
+    try:
+        return load(name)
+    except Exception as exc:  # a user's factory may raise anything
+        text = one_line(exc)
+        if not text.startswith(f"model {name!r}"):  # registry messages name it already
+            text = f"model {name!r} failed to load: {text}"
+        raise CommandError(f"argument {flag}: {text}") from exc
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """``exc`` as one line: ``Type: message`` with its whitespace (newlines) collapsed,
+    cut at ``limit`` characters. pflow's own messages are kept without the type."""
+    text = " ".join(str(exc).split())
+    if type(exc) in (UsageError, CommandError, ValueError, TypeError) and text:
+        out = text
+    else:
+        out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- numbers
@@ -114,7 +265,7 @@ def label_list(text: str) -> list[str]:
 
 def solver_label(label: str, flag: str) -> tuple[Any, dict[str, Any]]:
     """The solver and the options written in ``label`` (``pflow.solvers.parse_solver``),
-    with a one-line ValueError naming ``flag`` for an unknown solver, an unknown option
+    with a one-line :class:`UsageError` naming ``flag`` for an unknown solver, an unknown option
     or a bad value. Called when the command runs (it may load the solver backends)."""
     from ..solvers import get_solver, parse_solver
 
@@ -122,11 +273,11 @@ def solver_label(label: str, flag: str) -> tuple[Any, dict[str, Any]]:
     try:
         get_solver(name)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"argument {flag}: unknown solver in {label!r}: {exc}") from None
+        raise UsageError(f"argument {flag}: unknown solver in {label!r}: {exc}") from None
     try:
         return parse_solver(label)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"argument {flag}: {exc}") from None
+        raise UsageError(f"argument {flag}: {exc}") from None
 
 
 def check_direction(solver: Any, label: str, direction: str, flag: str, command: str) -> None:
@@ -134,7 +285,7 @@ def check_direction(solver: Any, label: str, direction: str, flag: str, command:
     decode; ``"up"``: encode), read from its declared ``directions``."""
     if direction not in solver.directions:
         way = "up (encode)" if direction == "down" else "down (sample, decode)"
-        raise ValueError(
+        raise UsageError(
             f"argument {flag}: solver {label!r} only runs {way}; {command} cannot use it"
         )
 
@@ -150,7 +301,7 @@ def check_tolerances(
         if value is None:
             continue
         if key in options:
-            raise ValueError(
+            raise UsageError(
                 f"{key} is given twice: in {flag} {label!r} ({key}={options[key]!r}) and as "
                 f"--{key} {value!r}; give it once"
             )
@@ -164,6 +315,7 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
+        metavar="N",
         default=None,
         help="solve at most this many samples at a time (memory stays flat as samples grow)",
     )

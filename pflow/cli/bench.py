@@ -65,8 +65,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--grid-nfe", type=int, default=10, help="NFE of the samples.png panels")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    b.add_argument("--out", default="results/bench", help="output folder (default %(default)s)")
-    b.add_argument("--resume", action="store_true", help="skip rows already in --out")
+    b.add_argument(
+        "--out",
+        default="results/bench",
+        help="output folder (default %(default)s); one run at a time: a second bench into "
+        "the same folder exits at once with an error naming the running one's pid",
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the rows of --out/bench.json made with the same key (model content, "
+        "samples, seed, grid, solver options, tolerance, reference, dtypes, pflow version); "
+        "says on stderr how many were reused and why the others were recomputed; earlier "
+        "rows of other settings stay in the files, marked kept",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scale_args(b)
 

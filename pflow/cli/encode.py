@@ -1,25 +1,48 @@
 """``pflow encode``, ``pflow decode`` and ``pflow roundtrip``: data to latent noise and back.
 
 ``encode`` reads data (a PNG for image models, or ``.npy`` / ``.pt`` holding one sample or
-a batch) and writes the latent (``.pt`` or ``.npy``); ``decode`` reads a latent and writes
-data (``.png``, ``.npy`` or ``.pt``). A ``.pt`` latent also stores the companion of a
-reversible solver and the settings it was encoded with, which ``decode`` uses for the
-settings not given on its command line, so that the round trip walks the same grid back.
-A ``.npy`` latent stores the companion next to it as ``<name>.companion.npy``.
+a batch) and writes the latent; ``decode`` reads a latent and writes data (``.png``,
+``.npy`` or ``.pt``).
+
+Latent files:
+
+* ``.pt`` (the pflow latent format, :data:`LATENT_FORMAT`): one file, written with
+  ``torch.save`` and read with ``torch.load(weights_only=True)`` (plain tensors, numbers
+  and strings, never pickled objects): a dict with the ``latent`` ``(batch, ...)``, the
+  ``companion`` of a reversible solver (``alf``) when there is one, and what it was
+  encoded with: ``solver`` (the label as given), ``steps``, ``spacing``, ``rtol``,
+  ``atol``, ``set_alpha_to_one``, the grid walked (``sigmas``, float64), ``dtype``,
+  ``model`` (its name) and ``model_identity`` (:func:`pflow.identity.model_identity`),
+  ``nfe``, and the sha256 of the latent and of the companion (``latent_sha256``,
+  ``companion_sha256``, over dtype, shape and bytes). ``decode`` takes every setting not
+  given on its command line from it (the model too), so the round trip walks the same
+  grid back. It uses the companion only when both hashes, the companion's shape, the
+  model's identity, the solver, the grid and the dtype all match, and says "exactly"
+  only then; a companion that does not match is refused with one line naming the file
+  (``--no-companion`` decodes without it).
+* ``.npy``: the latent alone (no settings, no companion: an ``alf`` latent written to
+  ``.npy`` decodes as an ordinary second-order sample, not exactly; ``encode`` says so).
+  ``decode`` ignores a ``<name>.companion.npy`` written next to it by older versions.
 
 ``roundtrip`` encodes and decodes held-out data (the digits test split, or exact samples
 of the Gaussian mixture) with each solver and step count, and prints and plots the
 round-trip RMSE and PSNR against NFE.
+
+Every ``--out`` is checked before the model loads; on SIGINT ``encode`` and ``decode``
+write nothing and ``roundtrip`` writes the rows it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
+import pickle
 import time
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +51,38 @@ import torch
 from torch import Tensor
 
 from ..grids import SPACINGS
+from ..identity import model_identity, tensor_digest
 from ..inversion import DDIM_INVERSE, decode, encode
 from ..solvers import Solver
+from ..solvers.reversible import companion_shape
 from ..zoo.registry import BundledModel, load_model
 from .args import (
+    CommandError,
+    Interrupted,
+    UsageError,
     check_direction,
+    check_input,
+    check_out,
     check_tolerances,
     float_list,
     label_list,
+    load_bundle,
+    one_line,
     positive_int,
     solver_label,
+    write_atomic,
 )
 
-__all__ = ["add_parsers"]
+__all__ = ["LATENT_FORMAT", "add_parsers"]
+
+#: The ``format`` entry of a pflow latent ``.pt`` file (see the module docstring).
+LATENT_FORMAT = "pflow-latent-1"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEFAULTS = {"solver": "euler", "steps": 10, "spacing": "trailing"}
+_SETTINGS = ("solver", "steps", "spacing", "rtol", "atol")
+_DATA_SUFFIXES = (".png", ".npy", ".pt")
+_LATENT_SUFFIXES = (".pt", ".npy")
 
 # Encode-only solvers and the solver that decodes their latents. This is a pairing, not a
 # capability: ``ddim_inverse`` is diffusers' DDIMInverseScheduler, whose latents diffusers
@@ -57,30 +96,48 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "encode",
         help="encode data (PNG, .npy, .pt) into latent noise (.pt, .npy)",
         description="Integrate the PF-ODE from the data (at the grid's first sigma, the "
-        "schedule's sigma_min by default) up to sigma_max; write the latent x_T.",
+        "schedule's sigma_min by default) up to sigma_max; write the latent x_T. A .pt "
+        "latent stores the settings, the model's identity and alf's companion with it; a "
+        ".npy latent is the latent alone.",
     )
     e.set_defaults(func=_encode_cmd)
     e.add_argument("input", help="data: .png (image models), .npy or .pt")
-    e.add_argument("--out", required=True, help="latent file: .pt or .npy")
-    _add_solve_options(e, "a solver that runs up (default euler)")
+    e.add_argument(
+        "--out",
+        required=True,
+        help="latent file: .pt (latent, companion and settings) or .npy (latent alone)",
+    )
+    e.add_argument("--model", required=True, help="bundled model name or module:factory")
+    _add_solve_options(e, "a solver that runs up (default euler)", "float32")
 
     d = sub.add_parser(
         "decode",
         help="decode latent noise (.pt, .npy) into data (PNG, .npy, .pt)",
         description="Integrate the PF-ODE from the latent down to the sigma encode started "
-        "from. Settings not given are taken from a .pt latent, else euler, 10 trailing steps.",
+        "from. Settings not given (the model too) are taken from a .pt latent, else euler, "
+        "10 trailing steps, float32. A .pt latent's alf companion is used only when it "
+        "matches the latent, the model and the settings: then the decode is exact.",
     )
     d.set_defaults(func=_decode_cmd)
     d.add_argument("latent", help="latent: .pt (from pflow encode) or .npy")
     d.add_argument("--out", required=True, help="data file: .png, .npy or .pt")
-    _add_solve_options(d, "a solver that runs down (default: the latent's, else euler)")
+    d.add_argument(
+        "--model", default=None, help="bundled model name or module:factory (default: the latent's)"
+    )
+    _add_solve_options(d, "a solver that runs down (default: the latent's, else euler)", None)
+    d.add_argument(
+        "--no-companion",
+        action="store_true",
+        help="decode without the latent's stored companion (alf: a second-order sample)",
+    )
 
     r = sub.add_parser(
         "roundtrip",
         help="encode and decode held-out data; round-trip RMSE and PSNR against NFE",
         description="Encode then decode held-out data with each solver and step count (the "
         "same grid both ways; ddim_inverse decodes with euler, as diffusers' DDIMScheduler "
-        "does) and report the round-trip error, with a table (.csv, .json) and a plot.",
+        "does) and report the round-trip error, with a table (.csv, .json) and a plot. On "
+        "SIGINT the finished rows are printed and written.",
     )
     r.set_defaults(func=_roundtrip_cmd)
     r.add_argument("--model", default="digits", help="bundled model (default %(default)s)")
@@ -108,14 +165,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default=None, help="folder for roundtrip.csv/.json/.png")
 
 
-def _add_solve_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--model", required=True, help="bundled model name or module:factory")
+def _add_solve_options(p: argparse.ArgumentParser, what: str, dtype: str | None) -> None:
     p.add_argument("--solver", default=None, help=f"{what}; options in brackets: rk45[rtol=1e-3]")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--spacing", choices=SPACINGS, default=None)
     p.add_argument("--rtol", type=float, default=None)
     p.add_argument("--atol", type=float, default=None)
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=tuple(_DTYPES),
+        default=dtype,
+        help="dtype of the state and the network"
+        + (f" (default {dtype})" if dtype else " (default: the latent's, else float32)"),
+    )
 
 
 # ---------------------------------------------------------------- argument types
@@ -134,12 +196,15 @@ def _decode_partner(label: str) -> str:
 
 
 # ---------------------------------------------------------------- files
-def _bundle(name: str, dtype: torch.dtype) -> BundledModel:
-    bundle = load_model(name)
+def _bundle(name: str, dtype: torch.dtype) -> tuple[BundledModel, str]:
+    """The model of ``--model`` in ``dtype`` and its identity (hashed as loaded, before the
+    cast: the dtype is a setting of its own)."""
+    bundle = load_bundle(name, load_model)
+    identity = model_identity(bundle.model)
     net = getattr(bundle.model, "net", None)
     if isinstance(net, torch.nn.Module):
         net.to(dtype)
-    return bundle
+    return bundle, identity
 
 
 def _batch(x: Tensor, shape: tuple[int, ...], what: str, bundle: BundledModel) -> Tensor:
@@ -148,27 +213,34 @@ def _batch(x: Tensor, shape: tuple[int, ...], what: str, bundle: BundledModel) -
         return x.unsqueeze(0)
     if x.ndim == len(shape) + 1 and tuple(x.shape[1:]) == shape and x.shape[0] >= 1:
         return x
-    raise ValueError(
+    raise UsageError(
         f"{what} has shape {tuple(x.shape)}; model {bundle.name!r} takes samples of shape "
         f"{shape} (or a batch of them)"
     )
 
 
+def _unreadable(path: Path, what: str, kind: str, exc: BaseException) -> CommandError:
+    return CommandError(f"{what} {path}: cannot be read as {kind}: {one_line(exc, 300)}")
+
+
 def _read_png(path: Path, shape: tuple[int, ...]) -> Tensor:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"a PNG needs an image model (samples of shape (1 or 3, H, W)); this one takes {shape}"
         )
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float64)
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float64)
+    except (UnidentifiedImageError, ValueError, EOFError) as exc:
+        raise _unreadable(path, "input", "an image", exc) from exc
     if arr.ndim == 2:
         arr = arr[None]
     else:
         arr = arr.transpose(2, 0, 1)
     if tuple(arr.shape[1:]) != tuple(shape[1:]):
-        raise ValueError(
+        raise UsageError(
             f"{path.name} is {arr.shape[2]}x{arr.shape[1]} pixels; the model takes "
             f"{shape[2]}x{shape[1]}"
         )
@@ -179,7 +251,7 @@ def _write_png(path: Path, x: Tensor) -> list[Path]:
     from PIL import Image
 
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"a PNG needs image samples (batch, 1 or 3, H, W); these have shape {tuple(x.shape)}"
         )
     pixels = ((x.detach().double().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -190,8 +262,33 @@ def _write_png(path: Path, x: Tensor) -> list[Path]:
     )
     for p, img in zip(paths, pixels):
         arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
-        Image.fromarray(arr).save(p)
+        write_atomic(p, lambda tmp, arr=arr: Image.fromarray(arr).save(tmp))
     return paths
+
+
+def _load_npy(path: Path, what: str) -> Tensor:
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise _unreadable(path, what, "a .npy array (no pickled objects)", exc) from exc
+
+
+def _load_pt(path: Path, what: str) -> Any:
+    """A ``.pt`` file's content, loaded with ``weights_only=True`` (tensors and plain data,
+    never pickled code); one line naming the file when it cannot be."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CommandError(
+            f"{what} {path}: holds objects other than tensors and plain data, which pflow "
+            "does not unpickle (torch.load with weights_only=True)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise _unreadable(path, what, "a torch file (torch.save)", exc) from exc
 
 
 def _read_data(path: Path, bundle: BundledModel) -> Tensor:
@@ -199,108 +296,261 @@ def _read_data(path: Path, bundle: BundledModel) -> Tensor:
     if suffix == ".png":
         x = _read_png(path, bundle.shape)
     elif suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif suffix == ".pt":
-        x = _tensor_from_pt(path, "x")[0]
+        x = _load_npy(path, "input")
     else:
-        raise ValueError(f"input must be a .png, .npy or .pt file, got {path.name!r}")
+        obj = _load_pt(path, "input")
+        if isinstance(obj, dict) and isinstance(obj.get("x"), Tensor):
+            obj = obj["x"]
+        if not isinstance(obj, Tensor):
+            raise UsageError(f"input {path}: holds neither a tensor nor a dict with an 'x' tensor")
+        x = obj
+    if not x.is_floating_point():
+        raise UsageError(f"input {path}: holds {x.dtype} values; expected floating point data")
     return _batch(x, bundle.shape, "input", bundle)
 
 
-def _tensor_from_pt(path: Path, key: str) -> tuple[Tensor, dict[str, Any]]:
-    """A tensor from a ``.pt`` file holding a tensor or a dict with ``key``; the dict's
-    other entries are returned too. Loaded with ``weights_only=True`` (no pickled code)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+def _digest(t: Tensor) -> str:
+    """sha256 over ``t``'s dtype, shape and bytes."""
+    h = hashlib.sha256()
+    tensor_digest(h, "t", t)
+    return h.hexdigest()
+
+
+@dataclass
+class _Latent:
+    """A latent file read: the latent, the stored companion (unchecked against the model
+    and the settings yet), the record's other entries, and why the companion cannot be
+    trusted whatever the settings (``None``: its hashes and shape check out)."""
+
+    z: Tensor
+    companion: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _read_latent(src: Path) -> _Latent:
+    if src.suffix.lower() == ".npy":
+        return _Latent(_load_npy(src, "latent"))
+    obj = _load_pt(src, "latent")
     if isinstance(obj, Tensor):
-        return obj, {}
-    if isinstance(obj, dict) and isinstance(obj.get(key), Tensor):
-        return obj[key], obj
-    raise ValueError(f"{path.name} holds neither a tensor nor a dict with a {key!r} tensor")
+        return _Latent(obj)
+    if not isinstance(obj, dict) or not isinstance(obj.get("latent"), Tensor):
+        raise UsageError(f"latent {src}: holds neither a tensor nor a dict with a 'latent' tensor")
+    z, companion = obj["latent"], obj.get("companion")
+    meta = {k: v for k, v in obj.items() if k not in ("latent", "companion")}
+    if companion is None:
+        return _Latent(z, None, meta)
+    problem = None
+    if not isinstance(companion, Tensor) or not companion.is_floating_point():
+        problem = "its companion is not a floating-point tensor"
+    elif meta.get("format") != LATENT_FORMAT:
+        problem = (
+            "its companion carries no latent hash or model identity (written by an older "
+            "pflow or by hand)"
+        )
+    elif meta.get("latent_sha256") != _digest(z):
+        problem = "its latent is not the one the companion was stored with (latent hash differs)"
+    elif meta.get("companion_sha256") != _digest(companion):
+        problem = "its companion was changed after encoding (companion hash differs)"
+    elif tuple(companion.shape) != companion_shape(z):
+        problem = (
+            f"its companion has shape {tuple(companion.shape)} but the latent has "
+            f"{tuple(z.shape)} (expected {companion_shape(z)})"
+        )
+    return _Latent(z, companion, meta, problem)
 
 
-def _companion_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.companion.npy")
+def _latent_record(
+    res: Any, bundle: BundledModel, identity: str, settings: dict[str, Any], dtype: str
+) -> dict[str, Any]:
+    """The pflow latent ``.pt`` record (see the module docstring)."""
+    z = res.x.detach().cpu().contiguous()
+    record: dict[str, Any] = {
+        "format": LATENT_FORMAT,
+        "latent": z,
+        "latent_sha256": _digest(z),
+        **{k: settings[k] for k in _SETTINGS},
+        "set_alpha_to_one": False,
+        "sigmas": res.sigmas.detach().cpu().to(torch.float64),
+        "dtype": dtype,
+        "model": bundle.name,
+        "model_identity": identity,
+        "nfe": int(res.nfe),
+    }
+    if res.companion is not None:
+        companion = res.companion.detach().cpu().contiguous()
+        record["companion"] = companion
+        record["companion_sha256"] = _digest(companion)
+    return record
 
 
 # ---------------------------------------------------------------- encode / decode
 def _encode_cmd(args: argparse.Namespace) -> int:
-    settings, _ = _settings(args, {}, "up")  # the solver is checked before any model loads
+    # Everything the command line decides is checked before the model loads.
+    settings, _ = _settings(args, {}, "up")
+    out = check_out(args.out, "--out", suffixes=_LATENT_SUFFIXES)
+    src = check_input(args.input, "argument input", _DATA_SUFFIXES)
     dtype = _DTYPES[args.dtype]
-    bundle = _bundle(args.model, dtype)
-    out = Path(args.out)
-    if out.suffix not in (".pt", ".npy"):
-        raise ValueError(f"--out must end in .pt or .npy, got {out.name!r}")
-    x0 = _read_data(Path(args.input), bundle).to(dtype)
+    bundle, identity = _bundle(args.model, dtype)
+    x0 = _read_data(src, bundle).to(dtype)
     t0 = time.perf_counter()
     res = encode(bundle.model, x0, **_solve_kwargs(settings))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".pt":
-        record: dict[str, Any] = {"latent": res.x, "model": bundle.name, **settings}
+    seconds = time.perf_counter() - t0
+    note = ""
+    if out.suffix.lower() == ".pt":
+        record = _latent_record(res, bundle, identity, settings, args.dtype)
+        write_atomic(out, lambda p: torch.save(record, p))
         if res.companion is not None:
-            record["companion"] = res.companion
-        torch.save(record, out)
+            note = " (with its companion: decode retraces it exactly)"
     else:
-        np.save(out, res.x.numpy())
+        latent = res.x.detach().cpu().numpy()
+        write_atomic(out, lambda p: np.save(p, latent))
+        note = " (the latent alone"
         if res.companion is not None:
-            np.save(_companion_path(out), res.companion.numpy())
+            note += (
+                f"; {settings['solver']}'s companion is not stored in a .npy, so decode will "
+                "not be exact: write a .pt to keep it"
+            )
+        note += ")"
     print(
         f"encoded {len(x0)} sample(s) with {_describe(settings)}: NFE {res.nfe}, "
-        f"{time.perf_counter() - t0:.2f}s; latent written to {out}"
-        + (" (with its companion)" if res.companion is not None else "")
+        f"{seconds:.2f}s; latent written to {out}{note}"
     )
     return 0
 
 
+def _same_solver(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    if a == b:
+        return True
+    try:
+        spec_a, opt_a = solver_label(a, "--solver")
+        spec_b, opt_b = solver_label(b, "--solver")
+    except ValueError:
+        return False
+    return spec_a.name == spec_b.name and opt_a == opt_b
+
+
+def _companion_mismatch(
+    settings: dict[str, Any], dtype: str, stored: dict[str, Any], meta: dict[str, Any]
+) -> list[str]:
+    """What differs between the decode's settings and those the companion was stored
+    with (the encode's solver, grid and dtype)."""
+    diff = []
+    if not _same_solver(settings["solver"], stored.get("solver")):
+        diff.append(f"solver {settings['solver']!r} (encoded with {stored.get('solver')!r})")
+    for key in ("steps", "spacing", "rtol", "atol"):
+        if settings[key] != stored.get(key):
+            diff.append(f"{key} {settings[key]!r} (encoded with {stored.get(key)!r})")
+    if dtype != meta.get("dtype"):
+        diff.append(f"dtype {dtype} (encoded in {meta.get('dtype')})")
+    if meta.get("set_alpha_to_one", False):
+        diff.append("set_alpha_to_one (the command line decodes with False)")
+    return diff
+
+
 def _decode_cmd(args: argparse.Namespace) -> int:
-    if args.solver is not None:  # checked before any model loads
+    # Everything the command line and the latent file decide is checked before the
+    # model loads.
+    if args.solver is not None:
         _check_solver(args.solver, "down")
-    dtype = _DTYPES[args.dtype]
-    bundle = _bundle(args.model, dtype)
-    src, out = Path(args.latent), Path(args.out)
-    if out.suffix not in (".png", ".npy", ".pt"):
-        raise ValueError(f"--out must end in .png, .npy or .pt, got {out.name!r}")
-    companion: Tensor | None = None
-    stored: dict[str, Any] = {}
-    if src.suffix == ".pt":
-        z, record = _tensor_from_pt(src, "latent")
-        if record.get("model", bundle.name) != bundle.name:
-            raise ValueError(
-                f"{src.name} was encoded with model {record['model']!r}, not {bundle.name!r}"
-            )
-        stored = {
-            k: record[k] for k in ("solver", "steps", "spacing", "rtol", "atol") if k in record
-        }
-        if "solver" in stored:  # an encode-only solver's latents: decode with its partner
-            stored["solver"] = _decode_partner(stored["solver"])
-        companion = record.get("companion")
-    elif src.suffix == ".npy":
-        z = torch.from_numpy(np.load(src, allow_pickle=False))
-        if _companion_path(src).is_file():
-            companion = torch.from_numpy(np.load(_companion_path(src), allow_pickle=False))
-    else:
-        raise ValueError(f"latent must be a .pt or .npy file, got {src.name!r}")
-    z = _batch(z, bundle.shape, "latent", bundle).to(dtype)
+    out = check_out(args.out, "--out", suffixes=_DATA_SUFFIXES)
+    src = check_input(args.latent, "argument latent", _LATENT_SUFFIXES)
+    latent = _read_latent(src)
+    meta = latent.meta
+    stored_model = meta.get("model") if isinstance(meta.get("model"), str) else None
+    model_name = args.model or stored_model
+    if model_name is None:
+        raise UsageError(f"argument --model: latent {src} stores no model; give --model")
+    if stored_model is not None and model_name != stored_model:
+        raise UsageError(
+            f"latent {src} was encoded with model {stored_model!r}, not {model_name!r}"
+        )
+    stored = {k: meta[k] for k in _SETTINGS if k in meta}
+    if isinstance(stored.get("solver"), str):  # an encode-only solver: its partner decodes
+        stored["solver"] = _decode_partner(stored["solver"])
+    dtype_name = args.dtype or meta.get("dtype") or "float32"
+    if dtype_name not in _DTYPES:
+        raise UsageError(f"latent {src}: stores dtype {dtype_name!r}; pass --dtype")
     settings, spec = _settings(args, stored, "down")
-    if not spec.reversible:
-        companion = None
-    elif companion is not None and companion.ndim == z.ndim:  # one sample, stored unbatched
-        companion = companion.unsqueeze(1)
+    companion: Tensor | None = None
+    why_not = ""
+    if latent.companion is not None and spec.reversible:
+        if args.no_companion:
+            why_not = "the stored companion not used (--no-companion)"
+        elif latent.problem is not None:
+            raise UsageError(
+                f"latent {src}: {latent.problem}; it would not retrace the encode: "
+                "re-encode, or pass --no-companion to decode without it"
+            )
+        else:
+            diff = _companion_mismatch(settings, dtype_name, stored, meta)
+            if diff:
+                raise UsageError(
+                    f"latent {src}: its companion belongs to the encode's settings; "
+                    f"decoding with {', '.join(diff)} would not retrace it: drop those "
+                    "flags, or pass --no-companion"
+                )
+            companion = latent.companion
+    elif spec.reversible:
+        why_not = (
+            f"no companion stored in {src.name}: {settings['solver']} decodes as an "
+            "ordinary sampler, not an exact inverse"
+        )
+    stale = src.with_name(f"{src.stem}.companion.npy")
+    if src.suffix.lower() == ".npy" and stale.is_file():
+        why_not += ("; " if why_not else "") + f"{stale.name} ignored (.npy latents are alone)"
+    dtype = _DTYPES[dtype_name]
+    bundle, identity = _bundle(model_name, dtype)
+    stored_identity = meta.get("model_identity")
+    other_model = isinstance(stored_identity, str) and stored_identity != identity
+    if other_model and companion is not None:
+        raise UsageError(
+            f"latent {src}: its companion was stored for model {model_name!r} with identity "
+            f"{stored_identity[:12]}, but this one is {identity[:12]} (its weights or settings "
+            "changed); re-encode, or pass --no-companion"
+        )
+    z = _batch(latent.z, bundle.shape, "latent", bundle).to(dtype)
+    if companion is not None and tuple(companion.shape) != companion_shape(z):
+        raise UsageError(
+            f"latent {src}: its companion has shape {tuple(companion.shape)}, expected "
+            f"{companion_shape(z)}; re-encode, or pass --no-companion"
+        )
     t0 = time.perf_counter()
     res = decode(bundle.model, z, companion=companion, **_solve_kwargs(settings))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
+    seconds = time.perf_counter() - t0
+    if out.suffix.lower() == ".png":
         written = _write_png(out, res.x)
-    elif out.suffix == ".npy":
-        np.save(out, res.x.numpy())
-        written = [out]
     else:
-        torch.save(res.x, out)
+        x = res.x.detach().cpu()
+        if out.suffix.lower() == ".npy":
+            write_atomic(out, lambda p: np.save(p, x.numpy()))
+        else:
+            write_atomic(out, lambda p: torch.save(x, p))
         written = [out]
-    how = "exactly, with the stored companion" if companion is not None else ""
+    how = ""
+    if companion is not None:
+        grid = meta.get("sigmas")
+        if isinstance(grid, Tensor) and torch.equal(res.sigmas.cpu(), grid.flip(0)):
+            how = "exactly, with the stored companion"
+        else:
+            how = "with the stored companion, but not on the encode's grid (not exact)"
+    notes = "; ".join(
+        n
+        for n in (
+            why_not,
+            f"note: {src.name} was encoded with another identity of this model"
+            if other_model
+            else "",
+        )
+        if n
+    )
     print(
         f"decoded {len(z)} latent(s) with {_describe(settings)}{' ' + how if how else ''}: "
-        f"NFE {res.nfe}, {time.perf_counter() - t0:.2f}s; written to "
+        f"NFE {res.nfe}, {seconds:.2f}s; written to "
         + (str(written[0]) if len(written) == 1 else f"{written[0]} ... {written[-1].name}")
+        + (f" ({notes})" if notes else "")
     )
     return 0
 
@@ -313,7 +563,7 @@ def _check_solver(label: str, direction: str) -> tuple[Solver, dict[str, Any]]:
     spec, options = solver_label(label, "--solver")
     partner = _decode_partner(label)
     if direction == "down" and "down" not in spec.directions and partner != label:
-        raise ValueError(
+        raise UsageError(
             f"argument --solver: solver {label!r} only encodes; decode its latents with "
             f"--solver {partner}"
         )
@@ -328,7 +578,7 @@ def _settings(
     solver they name. Tolerances written in the solver's label are not repeated here
     (one given both there and as ``--rtol``/``--atol`` is an error naming both)."""
     settings: dict[str, Any] = {}
-    for key in ("solver", "steps", "spacing", "rtol", "atol"):
+    for key in _SETTINGS:
         given = getattr(args, key)
         settings[key] = given if given is not None else stored.get(key, _DEFAULTS.get(key))
     label = settings["solver"]
@@ -388,16 +638,16 @@ def _held_out(bundle: BundledModel, n: int, seed: int) -> tuple[Tensor, str]:
 
         x = digits_data("test")
         if n > len(x):
-            raise ValueError(f"--samples {n} exceeds the {len(x)} held-out test digits")
+            raise UsageError(f"argument --samples: {n} exceeds the {len(x)} held-out test digits")
         return x[:n], "held-out test digits"
     if bundle.name == "moons":
         from ..zoo.data import moons_data
 
         # Training drew seed 0 and evaluation seed 10000; 12345 + seed is held out.
         return moons_data(n, seed=12345 + seed), "held-out two-moons points"
-    raise ValueError(
-        f"no held-out data known for model {bundle.name!r}: roundtrip knows 'digits', "
-        "'moons' and models with an exact distribution (gmm)"
+    raise UsageError(
+        f"argument --model: no held-out data known for model {bundle.name!r}: roundtrip "
+        "knows 'digits', 'moons' and models with an exact distribution (gmm)"
     )
 
 
@@ -458,7 +708,7 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
     from ..bench import check_label
 
     # Every label is checked before a model is loaded: it encodes, its partner decodes,
-    # and an adaptive one leaves rtol = atol to --tols.
+    # and an adaptive one leaves rtol = atol to --tols. So is --out.
     adaptive: dict[str, bool] = {}
     for label in args.solvers:
         spec, options = solver_label(label, "--solvers")
@@ -472,8 +722,9 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
             check_direction(spec, label, "down", "--solvers", "roundtrip")
         check_label(spec, options, label)
         adaptive[label] = spec.adaptive
+    out = check_out(args.out, "--out", folder=True) if args.out else None
     dtype = _DTYPES[args.dtype]
-    bundle = _bundle(args.model, dtype)
+    bundle, _ = _bundle(args.model, dtype)
     if args.peers:
         _peer_net(bundle, args.spacing)
     x0, source = _held_out(bundle, args.samples, args.seed)
@@ -494,30 +745,34 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
     if args.peers:
         jobs += [("diffusers:ddim_inverse", f"{s} steps", {"peer": s}) for s in args.steps]
     rows: list[RoundTripRow] = []
-    for solver, setting, kw in jobs:
-        t0 = time.perf_counter()
-        if "peer" in kw:
-            x, n_enc, n_dec = _peer_round_trip(bundle, x0, kw["peer"], args.spacing)
-        else:
-            x, n_enc, n_dec = round_trip(bundle, x0, solver, **kw)
-        err = (x.double() - x0.double()).flatten()
-        rmse = float(err.pow(2).mean().sqrt())
-        rows.append(
-            RoundTripRow(
-                solver,
-                setting,
-                n_enc,
-                n_dec,
-                rmse,
-                _psnr(rmse, peak),
-                float(err.abs().max()),
-                time.perf_counter() - t0,
+    interrupted = False
+    try:
+        for solver, setting, kw in jobs:
+            t0 = time.perf_counter()
+            if "peer" in kw:
+                x, n_enc, n_dec = _peer_round_trip(bundle, x0, kw["peer"], args.spacing)
+            else:
+                x, n_enc, n_dec = round_trip(bundle, x0, solver, **kw)
+            err = (x.double() - x0.double()).flatten()
+            rmse = float(err.pow(2).mean().sqrt())
+            rows.append(
+                RoundTripRow(
+                    solver,
+                    setting,
+                    n_enc,
+                    n_dec,
+                    rmse,
+                    _psnr(rmse, peak),
+                    float(err.abs().max()),
+                    time.perf_counter() - t0,
+                )
             )
-        )
+    except KeyboardInterrupt:
+        if not rows:
+            raise Interrupted("no row had finished; nothing written") from None
+        interrupted = True
     print(format_rows(rows))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         _write_rows(rows, out)
         plot_rows(
             rows,
@@ -525,6 +780,9 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
             title=f"{bundle.description}: {len(x0)} {source}, {args.dtype}",
         )
         print(f"written to {out}/roundtrip.csv, .json, .png")
+    if interrupted:
+        where = f" to {out}" if out is not None else ""
+        raise Interrupted(f"wrote the {len(rows)} finished rows of {len(jobs)}{where}")
     return 0
 
 
@@ -544,11 +802,15 @@ def format_rows(rows: list[RoundTripRow]) -> str:
 
 def _write_rows(rows: list[RoundTripRow], out: Path) -> None:
     records = [{**asdict(r), "nfe": r.nfe} for r in rows]
-    (out / "roundtrip.json").write_text(json.dumps(records, indent=1))
-    with (out / "roundtrip.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(records[0]))
-        w.writeheader()
-        w.writerows(records)
+    write_atomic(out / "roundtrip.json", lambda p: p.write_text(json.dumps(records, indent=1)))
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(records[0]))
+            w.writeheader()
+            w.writerows(records)
+
+    write_atomic(out / "roundtrip.csv", write_csv)
 
 
 def _diffusers_pair(solver: str) -> bool:

@@ -1,19 +1,26 @@
-"""``pflow nll``: bits/dim of held-out data through the probability-flow ODE."""
+"""``pflow nll``: bits/dim of held-out data through the probability-flow ODE.
+
+The samples are solved in batches of ``--batch-size``; on SIGINT the bits/dim over the
+finished batches is printed (and written to ``--out``, marked incomplete), exit 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..likelihood import Divergence, bits_per_dim, log_likelihood
-from ..zoo.registry import BundledModel, load_model
-from .args import positive_int
+from ..zoo.registry import BundledModel
+from .args import Interrupted, UsageError, check_out, load_bundle, positive_int, write_atomic
 
 __all__ = ["add_parsers"]
 
@@ -45,15 +52,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "and report mean bits/dim with its standard error over the samples, and the cost.",
     )
     p.set_defaults(func=_nll)
-    p.add_argument("--model", default="digits", help="bundled model name (default %(default)s)")
+    p.add_argument(
+        "--model",
+        default="digits",
+        help="bundled model name or module:factory (default %(default)s)",
+    )
     p.add_argument("--data", default="test", help="data split (default %(default)s)")
     p.add_argument("--n", type=positive_int, default=256, help="number of samples")
     p.add_argument("--batch-size", type=positive_int, default=256, help="samples per solve")
     p.add_argument(
         "--hutchinson", action="store_true", help="Hutchinson trace estimate (default: exact)"
     )
-    p.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes")
-    p.add_argument("--noise", choices=("rademacher", "gaussian"), default="rademacher")
+    p.add_argument(
+        "--probes", type=positive_int, default=None, help="Hutchinson probes (default 1)"
+    )
+    p.add_argument(
+        "--noise",
+        choices=("rademacher", "gaussian"),
+        default=None,
+        help="Hutchinson probe distribution (default rademacher)",
+    )
     # log_likelihood carries the divergence through these embedded Runge-Kutta pairs
     # (pflow.likelihood); a fixed list of plain names, no backend is imported for it.
     p.add_argument("--solver", choices=("rk45", "bosh3"), default="rk45")
@@ -65,6 +83,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate the density at the grid levels instead of uniformly dequantised data",
     )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="also write the result to this .json file (summary and per-sample bits/dim)",
+    )
 
 
 def _load_data(bundled: BundledModel, split: str, n: int, seed: int) -> tuple[Tensor, str]:
@@ -73,25 +96,34 @@ def _load_data(bundled: BundledModel, split: str, n: int, seed: int) -> tuple[Te
         return bundled.exact.sample(n, generator=g), "exact samples"
     dataset = _DATASETS.get(bundled.name)
     if dataset is None:
-        raise ValueError(
-            f"no held-out data known for model {bundled.name!r} (known: "
+        raise UsageError(
+            f"argument --model: no held-out data known for model {bundled.name!r} (known: "
             f"{', '.join(_DATASETS)} and models with an exact distribution)"
         )
     x = dataset.load(split)
     if n > len(x):
-        raise ValueError(f"--n {n} exceeds the {len(x)} samples of split {split!r}")
+        raise UsageError(f"argument --n: {n} exceeds the {len(x)} samples of split {split!r}")
     return x[:n], f"split {split!r}"
 
 
 def _nll(args: argparse.Namespace) -> int:
-    bundled = load_model(args.model)
+    if not args.hutchinson:
+        given = [f for f, v in (("--probes", args.probes), ("--noise", args.noise)) if v]
+        if given:
+            raise UsageError(
+                f"argument {given[0]}: applies to the Hutchinson estimate; add --hutchinson "
+                "(the default divergence is exact)"
+            )
+    probes, noise = args.probes or 1, args.noise or "rademacher"
+    out = check_out(args.out, "--out", suffixes=(".json",)) if args.out else None
+    bundled = load_bundle(args.model)
     x, source = _load_data(bundled, args.data, args.n, args.seed)
     dataset = _DATASETS.get(bundled.name) if bundled.exact is None else None
     bin_width = dataset.bin_width if dataset is not None else None
     dequantize = bin_width is not None and not args.no_dequantize
     divergence: Divergence = "hutchinson" if args.hutchinson else "exact"
     how = (
-        f"hutchinson ({args.probes} {args.noise} probe{'s' if args.probes > 1 else ''})"
+        f"hutchinson ({probes} {noise} probe{'s' if probes > 1 else ''})"
         if args.hutchinson
         else "exact divergence"
     )
@@ -103,24 +135,31 @@ def _nll(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     log_p, nfe, n_vjp, batches = [], 0, 0, 0
     sigma_min = 0.0
-    for start in range(0, len(x), args.batch_size):
-        res = log_likelihood(
-            bundled.model,
-            x[start : start + args.batch_size],
-            solver=args.solver,
-            rtol=args.rtol,
-            atol=args.atol,
-            divergence=divergence,
-            probes=args.probes if args.hutchinson else 1,
-            noise=args.noise,
-            seed=args.seed + start,
-            dequantize=dequantize,
-            bin_width=bin_width,
-        )
-        log_p.append(res.log_p)
-        nfe, n_vjp, batches = nfe + res.nfe, n_vjp + res.n_vjp, batches + 1
-        sigma_min = res.sigma_min
+    try:
+        for start in range(0, len(x), args.batch_size):
+            res = log_likelihood(
+                bundled.model,
+                x[start : start + args.batch_size],
+                solver=args.solver,
+                rtol=args.rtol,
+                atol=args.atol,
+                divergence=divergence,
+                probes=probes,
+                noise=noise,
+                seed=args.seed + start,
+                dequantize=dequantize,
+                bin_width=bin_width,
+            )
+            log_p.append(res.log_p)
+            nfe, n_vjp, batches = nfe + res.nfe, n_vjp + res.n_vjp, batches + 1
+            sigma_min = res.sigma_min
+    except KeyboardInterrupt:
+        if not log_p:
+            raise Interrupted("no batch had finished; nothing reported") from None
+        done = sum(len(v) for v in log_p)
+        print(f"interrupted: {done} of {len(x)} samples in {batches} finished batches")
     lp = torch.cat(log_p)
+    complete = len(lp) == len(x)
     dims = x[0].numel()
     bpd = bits_per_dim(lp, dims, bin_width)
     se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
@@ -133,11 +172,44 @@ def _nll(args: argparse.Namespace) -> int:
         f"batch{'es' if batches > 1 else ''} ({nfe / batches:.0f} forward per batch), "
         f"{time.perf_counter() - t0:.1f}s"
     )
+    exact_bpd = None
     if bundled.exact is not None:
-        exact = bundled.exact.log_prob(x, sigma_min)
+        exact = bundled.exact.log_prob(x[: len(lp)], sigma_min)
+        exact_bpd = float(bits_per_dim(exact, dims).mean())
         print(
-            f"exact log p at sigma_min: {float(bits_per_dim(exact, dims).mean()):.4f} bits/dim; "
+            f"exact log p at sigma_min: {exact_bpd:.4f} bits/dim; "
             f"mean |ODE - exact| = {float((lp - exact).abs().mean()):.2e} nats "
             "(includes the Gaussian prior's mismatch)"
+        )
+    if out is not None:
+        record: dict[str, Any] = {
+            "model": bundled.name,
+            "data": source,
+            "samples": len(x),
+            "complete": complete,
+            "divergence": divergence,
+            "probes": probes if args.hutchinson else None,
+            "noise": noise if args.hutchinson else None,
+            "solver": args.solver,
+            "rtol": args.rtol,
+            "atol": args.atol,
+            "seed": args.seed,
+            "dequantized": dequantize,
+            "bin_width": bin_width,
+            "sigma_min": sigma_min,
+            "dims": dims,
+            "bits_per_dim": float(bpd.mean()),
+            "stderr": se if se == se else None,
+            "exact_bits_per_dim": exact_bpd,
+            "nfe": nfe,
+            "n_vjp": n_vjp,
+            "per_sample_bits_per_dim": [float(v) for v in bpd],
+        }
+        write_atomic(out, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+        print(f"written to {out}")
+    if not complete:
+        raise Interrupted(
+            f"reported the {len(lp)} finished samples of {len(x)}"
+            + (f"; written to {out}" if out is not None else "")
         )
     return 0

@@ -1,18 +1,49 @@
-"""``pflow sample``: draw samples with one solver; write PNG, .npy or .pt."""
+"""``pflow sample``: draw samples with one solver; write PNG, .npy or .pt.
+
+Sample ``i`` of a run seeded ``s`` starts from the noise keyed ``(s, i)``
+(:mod:`pflow.noise`), so the run can be solved in chunks of ``--batch-size`` (one after
+the other, each chunk's noise drawn when it starts) without changing any sample. On
+SIGINT the finished chunks are written to ``--out``: they are the first samples of the
+full run, in order (exit code 130; under ``torchrun`` nothing is written).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from pathlib import Path
+from typing import Any
 
 from ..grids import SPACINGS
-from .args import add_scale_args, check_direction, check_tolerances, solver_label
+from .args import (
+    Interrupted,
+    UsageError,
+    add_scale_args,
+    available_memory,
+    check_direction,
+    check_out,
+    check_tolerances,
+    load_bundle,
+    solver_label,
+    write_atomic,
+)
 
 __all__ = ["add_parsers"]
 
+_SUFFIXES = (".png", ".npy", ".pt")
+# Copies of the state a solve holds per sample (the state, derivatives, a multistep
+# history): a lower bound on its working memory; a network's activations come on top.
+_STATE_COPIES = 8
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("sample", help="draw samples with one solver; write PNG, .npy or .pt")
+    s = sub.add_parser(
+        "sample",
+        help="draw samples with one solver; write PNG, .npy or .pt",
+        description="Draw samples with one solver and write them to --out. On SIGINT "
+        "(Ctrl-C) the samples of the finished --batch-size chunks are written (exit 130).",
+    )
     s.set_defaults(func=_sample)
     s.add_argument("--model", default="digits", help="bundled model name or module:factory")
     s.add_argument(
@@ -24,80 +55,151 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--spacing", default="trailing", choices=SPACINGS)
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' rtol")
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers' atol")
+    s.add_argument(
+        "--max-nfe",
+        type=int,
+        default=None,
+        help="fail when a chunk needs more network evaluations (adaptive solvers: 100000)",
+    )
     s.add_argument("--samples", "--n", dest="n", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file: .png, .npy or .pt")
     add_scale_args(s)
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"argument {flag}: expected an integer >= 1, got {value}")
 
+
+def _check_memory(n: int, shard: int, chunk: int, shape: tuple[int, ...], world: Any) -> None:
+    """A one-line error, before anything is allocated, when the samples (gathered on the
+    CPU) and the state of one chunk cannot fit in the memory available."""
+    import torch
+
+    per_sample = math.prod(shape) * 4  # float32 state
+    host = n * per_sample + (
+        chunk * per_sample * _STATE_COPIES if world.device.type == "cpu" else 0
+    )
+    have = available_memory()
+    gib = 2.0**30
+    if have is not None and host > have:
+        raise UsageError(
+            f"argument --samples: {n} samples of shape {tuple(shape)} in float32 need at least "
+            f"{host / gib:.1f} GiB of memory and {have / gib:.1f} GiB is available; draw fewer "
+            "(several runs with different --seed)"
+            + (
+                " or solve them in chunks with --batch-size"
+                if chunk == shard and n * per_sample < have
+                else ""
+            )
+        )
+    if world.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(world.device)
+        need = chunk * per_sample * _STATE_COPIES
+        if need > free:
+            raise UsageError(
+                f"argument --batch-size: a chunk of {chunk} samples of shape {tuple(shape)} "
+                f"needs at least {need / gib:.1f} GiB on {world.device} and "
+                f"{free / gib:.1f} GiB is free; pass a smaller --batch-size"
+            )
+
+
+def _write(out: Path, x: Any, title: str, label: str) -> None:
     import numpy as np
+    import torch
+
+    if out.suffix == ".png":
+        from ..plots import plot_samples
+
+        write_atomic(out, lambda p: plot_samples({label: x}, p, max_images=len(x), title=title))
+    elif out.suffix == ".npy":
+        write_atomic(out, lambda p: np.save(p, x.numpy()))
+    else:
+        write_atomic(out, lambda p: torch.save(x, p))
+
+
+def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import check_label, last_step_for, prepare_model, shard_options
     from ..distributed import init
     from ..noise import keyed_randn, noise_keys
     from ..solve import sample
-    from ..zoo.registry import load_model
 
+    # Everything the command line decides is checked before a model is loaded.
     spec, options = solver_label(args.solver, "--solver")
     check_direction(spec, args.solver, "down", "--solver", "sample")
     tolerances = check_tolerances(
         spec, options, args.solver, "--solver", rtol=args.rtol, atol=args.atol
     )
     check_label(spec, options, args.solver, sweep_tols=False)  # noise is keyed by --seed
-    if args.n < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.n}")
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npy", ".pt"):
-        raise ValueError(f"--out must end in .png, .npy or .pt, got {out.name!r}")
-    bundle = load_model(args.model)
+    _positive(args.n, "--samples")
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_nfe, "--max-nfe")
+    out = check_out(args.out, "--out", suffixes=_SUFFIXES)
     if args.steps is None and not spec.adaptive:
         args.steps = 10
+    bundle = load_bundle(args.model)
     world = init(args.device)
     try:
         if args.n < world.size:
-            raise ValueError(f"--samples ({args.n}) must be at least the number of ranks")
+            raise UsageError(
+                f"argument --samples: {args.n} samples for {world.size} ranks; give at least "
+                "one per rank"
+            )
         indices = world.shard(args.n)
-        keys = noise_keys(args.seed, indices)
-        noise = keyed_randn(keys, bundle.shape, device=world.device)
+        # Adaptive solvers on several ranks share their steps: each rank solves its shard
+        # at once. Otherwise the shard is solved in chunks of --batch-size.
+        together = spec.adaptive and world.size > 1
+        chunk = len(indices) if together or args.batch_size is None else args.batch_size
+        chunk = min(chunk, len(indices))
+        _check_memory(args.n, len(indices), chunk, bundle.shape, world)
         model = prepare_model(bundle.model, world.device, args.net_dtype, args.compile)
+        last_step = last_step_for(spec, bundle.last_step)
+        parts: list[torch.Tensor] = []
+        nfe = 0
         t0 = time.perf_counter()
-        # The label goes to sample() as written (it applies its options); the flags add
-        # only what the user gave.
-        res = sample(
-            model,
-            noise,
-            args.solver,
-            steps=args.steps,
-            spacing=args.spacing,
-            last_step=last_step_for(spec, bundle.last_step),  # type: ignore[arg-type]
-            **tolerances,
-            **shard_options(spec, world, keys, args.batch_size),
-        )
+        try:
+            for start in range(indices.start, indices.stop, chunk):
+                stop = min(start + chunk, indices.stop)
+                keys = noise_keys(args.seed, torch.arange(start, stop, dtype=torch.int64))
+                noise = keyed_randn(keys, bundle.shape, device=world.device)
+                kw = shard_options(spec, world, keys, None)
+                kw.pop("batch_size", None)  # chunked here
+                # The label goes to sample() as written (it applies its options); the
+                # flags add only what the user gave.
+                res = sample(
+                    model,
+                    noise,
+                    args.solver,
+                    steps=args.steps,
+                    spacing=args.spacing,
+                    last_step=last_step,  # type: ignore[arg-type]
+                    max_nfe=args.max_nfe,
+                    **tolerances,
+                    **kw,
+                )
+                parts.append(res.x.cpu())
+                nfe = max(nfe, res.nfe)
+        except KeyboardInterrupt:
+            if world.size > 1:
+                raise Interrupted("under torchrun nothing is written") from None
+            if not parts:
+                raise Interrupted("no chunk had finished; nothing written") from None
+            x = torch.cat(parts)
+            _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}")
+            raise Interrupted(
+                f"wrote the {len(x)} finished samples (0-{len(x) - 1}) of {args.n} to {out}"
+            ) from None
         wall = world.max(time.perf_counter() - t0)
-        x = world.gather(res.x, args.n)
-        nfe = int(world.max(res.nfe))
+        x = world.gather(torch.cat(parts), args.n)
+        nfe = int(world.max(nfe))
     finally:
         world.close()
     if x is None:
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        from ..plots import plot_samples
-
-        plot_samples(
-            {f"{args.solver}, NFE {nfe}": x},
-            out,
-            max_images=args.n,
-            title=bundle.description,
-        )
-    elif out.suffix == ".npy":
-        np.save(out, x.numpy())
-    else:
-        torch.save(x, out)
+    _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}")
     ranks = f" on {world.size} ranks" if world.size > 1 else ""
     print(
         f"{args.n} samples from {bundle.name} with {args.solver}{ranks}: NFE {nfe}, "

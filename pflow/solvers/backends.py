@@ -57,8 +57,10 @@ scipy's ``n_stages``; else a documented table (:data:`_TORCHDIFFEQ_FIXED_NFE`,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import warnings
 from functools import cache, partial
 from typing import Any
 
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MaxNFEExceeded
 from . import register_backend
 from .base import Option, Solver, State
 from .driver import Walk
@@ -149,7 +152,23 @@ def _check_options(backend: str, method: str, given: Any, allowed: list[str]) ->
             f"{backend} method {method!r} does not take option(s) {', '.join(unknown)} "
             f"(its options: {', '.join(allowed) or 'none'})"
         )
+    _check_first_step(given)
     return dict(given)
+
+
+def _check_first_step(options: Any) -> Any:
+    """``options["first_step"]``, when given, is a finite number > 0 (the libraries would
+    reject 0 as an underflow of the step size, or not at all)."""
+    if not isinstance(options, dict):
+        raise TypeError()  # the option's own message: "options must be a dict ..., got ..."
+    step = options.get("first_step")
+    if step is None:
+        return options
+    if isinstance(step, bool) or not isinstance(step, (int, float, np.integer, np.floating)):
+        raise TypeError(f"first_step must be a number > 0, got {step!r}")
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"first_step must be a finite number > 0, got {step!r}")
+    return options
 
 
 def _unknown_method(backend: str, method: str, known: list[str]) -> ValueError:
@@ -176,7 +195,14 @@ class Backend(Solver):
         self.nfe_per_step = nfe_per_step
         self._run = run
         opts = [
-            Option("options", object, None, "a dict of the library's own options", allow_none=True)
+            Option(
+                "options",
+                object,
+                None,
+                "a dict of the library's own options",
+                allow_none=True,
+                check=_check_first_step,
+            )
         ]
         if adaptive:
             tol = dict(kind=float, default=1e-5, low=0.0, low_open=True)
@@ -395,12 +421,27 @@ def _run_scipy(
         return eps.to(torch.float64).reshape(-1).cpu().numpy()
 
     y = _to_xbar(x, points[0]).reshape(-1).cpu().numpy()
+    implicit = method in _SCIPY_IMPLICIT_NFE
     for s0, s1 in zip(points[:-1], points[1:]):
         step0 = None if first_step is None else min(float(first_step), abs(s1 - s0))
         steps = 0
         solver = cls(fun, s0, y, s1, rtol=rtol, atol=atol, first_step=step0, **opts)
         while solver.status == "running":
-            message = solver.step()
+            sigma_at = float(solver.t)
+            try:
+                with _singular_as_error() if implicit else contextlib.nullcontext():
+                    message = solver.step()
+            except (RuntimeError, RuntimeWarning, np.linalg.LinAlgError) as exc:
+                if isinstance(exc, MaxNFEExceeded) or not _is_singular(exc):
+                    raise
+                ode.raise_if_nonfinite()
+                raise RuntimeError(
+                    f"scipy {method}: the implicit solver's Newton matrix (I - h*gamma*J, "
+                    f"J the Jacobian of eps in xbar) was singular at sigma={sigma_at:.6g} "
+                    f"({type(exc).__name__}: {exc}); the model's Jacobian is degenerate or "
+                    "very large there. Tighten rtol/atol (smaller steps keep the matrix "
+                    "near I) or use an explicit method (rk45, scipy:RK45, scipy:DOP853)"
+                ) from exc
             if solver.status == "failed":
                 ode.raise_if_nonfinite()
                 raise RuntimeError(f"scipy {method} failed at sigma={solver.t:.6g}: {message}")
@@ -414,6 +455,24 @@ def _run_scipy(
         if n_stages is not None:  # explicit RK: n_stages evaluations per attempt
             start = 1 + (step0 is None)  # f at the start, and the initial-step probe
             walk.n_rejected += max(0, (solver.nfev - start) // n_stages - steps)
+
+
+@contextlib.contextmanager
+def _singular_as_error() -> Any:
+    """scipy's dense LU only warns on a singular matrix (then solves with inf/NaN); make
+    that warning an exception so the step stops where the matrix was singular."""
+    from scipy.linalg import LinAlgWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LinAlgWarning)
+        yield
+
+
+def _is_singular(exc: BaseException) -> bool:
+    """Whether a step failed on a singular Newton matrix: the sparse LU's RuntimeError
+    ("Factor is exactly singular"), the dense LU's LinAlgWarning ("... Singular matrix.")
+    or numpy's LinAlgError."""
+    return "singular" in str(exc).lower() or isinstance(exc, np.linalg.LinAlgError)
 
 
 @cache

@@ -136,6 +136,10 @@ class Option:
             noise keys, a companion): batch chunks and rank shards slice it with the samples.
         expand: ``expand(value, batch)`` makes a batch-wide value per-sample before it is
             sliced (an int seed into one noise key per sample).
+        check: for an ``object`` option, ``check(value)`` returns the value (converted if
+            need be) or raises TypeError (wrong type) or ValueError (bad value): with a
+            message, the error is that message after ``solver '<name>': <option>:``;
+            without one, the option's usual "must be ..., got ..." error.
     """
 
     name: str
@@ -150,6 +154,7 @@ class Option:
     allow_none: bool = False
     batch_dim: int | None = None
     expand: Callable[[Any, int], Any] | None = None
+    check: Callable[[Any], Any] | None = None
 
     def expected(self) -> str:
         """What this option accepts, in words: ``True or False``, ``> 0``, ``one of ...``."""
@@ -190,7 +195,7 @@ class Option:
                 return None
             raise bad(TypeError)
         if text and isinstance(value, str):
-            return self._from_text(value.strip(), bad)
+            return self._checked_object(self._from_text(value.strip(), bad), bad, solver)
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise bad(TypeError)
@@ -209,7 +214,17 @@ class Option:
             return self._in_range(float(value), bad)
         if self.choices and value not in self.choices:
             raise bad()
-        return value
+        return self._checked_object(value, bad, solver)
+
+    def _checked_object(self, value: Any, bad: Any, solver: str) -> Any:
+        if self.check is None or self.kind is not object:
+            return value
+        try:
+            return self.check(value)
+        except (TypeError, ValueError) as exc:
+            if not str(exc):
+                raise bad(type(exc)) from None
+            raise type(exc)(f"solver {solver!r}: {self.name}: {exc}") from None
 
     def _from_text(self, text: str, bad: Any) -> Any:
         if self.kind is bool:

@@ -40,7 +40,8 @@ class PFODE:
     evaluation (NFE) whatever the batch size. With a ``process_group`` (torch.distributed)
     the batch is one shard of a larger one, and :meth:`batch_max` reduces over all ranks.
     Finite-ness is recorded without a host sync; :meth:`raise_if_nonfinite` checks the
-    record.
+    record. The first evaluation checks that the model returned a tensor of the state's
+    shape (a TypeError or ValueError naming the model otherwise).
     """
 
     def __init__(
@@ -83,6 +84,10 @@ class PFODE:
             else:
                 xbar = x * math.sqrt(1.0 + sigma * sigma)
             eps = self.model(xbar, sigma)
+        if self.nfe == 1 and (not isinstance(eps, Tensor) or eps.shape != x.shape):
+            # Once per solve (a model's output shape does not change from call to call):
+            # a wrong shape would broadcast into the state and be solved silently.
+            self._bad_eps(eps, x)
         if self.check_finite:
             # One reduction into a preallocated slot, no host sync and no allocation
             # that outlives the step: a float64 sum of eps is finite exactly when every
@@ -98,6 +103,27 @@ class PFODE:
             if self._n_sums == _FOLD:
                 self.raise_if_nonfinite()
         return Evaluation(x, sigma, eps, x0)
+
+    def _bad_eps(self, eps: Any, x: Tensor) -> None:
+        """A TypeError (not a tensor) or ValueError (not the state's shape) naming the model:
+        a wrong shape would otherwise broadcast into the state and be solved silently."""
+        what = _name(self.model)
+        if not isinstance(eps, Tensor):
+            hint = (
+                " (return eps alone; a model that also predicts x0 offers "
+                "predict_xt(x_t, sigma) -> (eps, x0))"
+                if isinstance(eps, (tuple, list))
+                else ""
+            )
+            raise TypeError(
+                f"the model {what} must return eps as a torch.Tensor of the state's shape "
+                f"{tuple(x.shape)}, got {type(eps).__name__}{hint}"
+            )
+        raise ValueError(
+            f"the model {what} returned eps of shape {tuple(eps.shape)} for a state of shape "
+            f"{tuple(x.shape)}; eps must have the state's shape (one value per entry of "
+            "every sample, nothing broadcast)"
+        )
 
     def eps(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """``eps`` at ``(x, sigma)``: one network evaluation."""
@@ -162,6 +188,14 @@ class Evaluation:
             else:
                 self._x0 = self.x * math.sqrt(1.0 + self.sigma**2) - self.sigma * self.eps
         return self._x0
+
+
+def _name(model: Any) -> str:
+    """How an error names a model: a function's qualified name, else its class."""
+    name = getattr(model, "__qualname__", None)
+    if not isinstance(name, str):
+        name = type(model).__name__
+    return repr(name)
 
 
 def _fmt(sigma: float | Tensor) -> str:

@@ -81,6 +81,18 @@ def _y_per_x(sigma: float) -> float:
     return math.sqrt(1.0 + sigma * sigma) / sigma
 
 
+def _check_companion(companion: Any) -> Any:
+    """A floating-point tensor with finite values (one host sync per solve, before any
+    network call: a NaN there would be reported as the model's)."""
+    if not isinstance(companion, Tensor) or not companion.is_floating_point():
+        raise TypeError(f"must be a floating-point torch.Tensor, got {type(companion).__name__}")
+    c = companion.detach()
+    if not bool(torch.isfinite(torch.sum(c, dtype=torch.float64))):  # no state-sized temporary
+        if not bool(torch.isfinite(c).all()):  # not merely a float64 overflow of the sum
+            raise ValueError("must be finite: it has NaN or inf values")
+    return companion
+
+
 class ALF(Solver):
     """Walk the grid (increasing to encode, decreasing to decode) with one ALF step of (1)
     per interval. The state's ``aux`` is ``(y, v, x_w)`` in the working dtype (float64):
@@ -106,6 +118,7 @@ class ALF(Solver):
             "the companion (2, *x.shape) of a previous alf solve ending at the first sigma",
             allow_none=True,
             batch_dim=1,
+            check=_check_companion,
         ),
     )
 

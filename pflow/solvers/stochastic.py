@@ -25,6 +25,7 @@ instead (faster to set up, but tied to the batch).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,17 +82,57 @@ def _noise_source(
     )
 
 
+def _check_seed(seed: Any) -> Any:
+    """An int seed in ``[0, 2**31)`` (a numpy integer becomes an int), or per-sample keys:
+    a 1-D int64 tensor or a sequence of ints (their number is checked against the batch
+    later, as every per-sample option's is)."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.ndim != 1:
+            error = TypeError if seed.dtype != torch.int64 else ValueError
+            raise error(
+                "per-sample keys must be a 1-D int64 tensor (pflow.noise_keys), got dtype "
+                f"{seed.dtype} and shape {tuple(seed.shape)}"
+            )
+        return seed
+    if not isinstance(seed, bool) and hasattr(seed, "__index__"):
+        seed = operator.index(seed)
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"an int seed must lie in [0, 2**31), got {seed!r}")
+        return seed
+    if isinstance(seed, (list, tuple, range)):
+        for key in seed:
+            if isinstance(key, bool) or not hasattr(key, "__index__"):
+                raise TypeError(
+                    f"per-sample keys must be ints (pflow.noise_keys), got {key!r} in {seed!r}"
+                )
+        return seed
+    raise TypeError()  # the option's own message: what it accepts, and the value
+
+
+def _check_generator(generator: Any) -> Any:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError()
+    return generator
+
+
 _SEED = Option(
     "seed",
     object,
     None,
-    "an int, or one 64-bit key per sample (pflow.noise_keys): per-sample keyed noise",
+    "an int in [0, 2**31) or one 64-bit key per sample (an int64 tensor or a sequence of "
+    "ints, see pflow.noise_keys)",
     allow_none=True,
     batch_dim=0,
     expand=lambda seed, batch: noise_keys(seed, batch) if isinstance(seed, int) else seed,
+    check=_check_seed,
 )
 _GENERATOR = Option(
-    "generator", object, None, "a torch.Generator (batch-wide noise)", allow_none=True
+    "generator",
+    object,
+    None,
+    "a torch.Generator (batch-wide noise)",
+    allow_none=True,
+    check=_check_generator,
 )
 
 

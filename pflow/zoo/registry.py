@@ -113,13 +113,45 @@ def load_model(name: str) -> BundledModel:
         raise ValueError(
             f"model {name!r}: cannot import {attr!r} from {module_name!r} ({exc})"
         ) from None
-    made = factory()
+    if not callable(factory):
+        raise TypeError(
+            f"model {name!r}: {attr!r} in {module_name!r} must be a factory (a callable "
+            f"returning a model), got {type(factory).__name__}"
+        )
+    return _check_made(name, factory())
+
+
+def _check_made(name: str, made: object) -> BundledModel:
+    """What the factory ``name`` returned, as a :class:`BundledModel`: a TypeError (wrong
+    type) or ValueError (bad sample shape) naming the factory otherwise."""
+    where = f"model {name!r}: the factory"
     if isinstance(made, BundledModel):
-        return made
-    if isinstance(made, tuple) and len(made) == 2:
+        model, shape = made.model, made.shape
+    elif isinstance(made, (tuple, list)) and len(made) == 2:
         model, shape = made
-        return BundledModel(name, model, tuple(shape), f"user model {name}")
-    raise ValueError(
-        f"model {name!r}: the factory must return a pflow.zoo.BundledModel or a pair "
-        f"(model, sample_shape), got {type(made).__name__}"
-    )
+    else:
+        got = type(made).__name__
+        if isinstance(made, (tuple, list)):
+            got = f"a {got} of {len(made)}"
+        raise TypeError(
+            f"{where} must return a pflow.zoo.BundledModel or a pair (model, sample_shape), "
+            f"got {got}"
+        )
+    if not callable(model):
+        raise TypeError(
+            f"{where} returned a model that is not callable as model(xbar, sigma): "
+            f"{type(model).__name__}"
+        )
+    expected = "a tuple of positive ints, the shape of one sample without the batch, e.g. (2,)"
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in shape
+    ):
+        raise TypeError(f"{where} returned sample_shape {shape!r}; it must be {expected}")
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"{where} returned sample_shape {shape!r}; it must be {expected}")
+    if isinstance(made, BundledModel):
+        made.shape = tuple(shape)
+        return made
+    return BundledModel(name, model, tuple(shape), f"user model {name}")

@@ -151,7 +151,12 @@ def save_model(model: nn.Module, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"pflow": json.dumps(meta, sort_keys=True)})
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # The model card: the same metadata plus the file's digest, checked on every load
+    # (pflow.zoo.networks_load.verify).
+    from .networks_load import file_sha256
+
+    card = {**meta, "sha256": file_sha256(path)}
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 
