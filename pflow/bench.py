@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -51,6 +50,7 @@ from safetensors.torch import save_file
 
 from .distributed import World
 from .errors import MaxNFEExceeded, NonFiniteError
+from .files import probe_writable, write_atomic
 from .identity import model_identity
 from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
 from .model import EpsModel
@@ -159,44 +159,15 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------------------- files
 
 
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file: ``0666 & ~umask``."""
-    return 0o666 & ~_umask()
-
-
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, _file_mode())  # mkstemp makes 0600 whatever the umask
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _check_out(out: Path) -> None:
     """``out`` exists (made if needed) and a file can be created in it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out)
     except OSError as exc:
         raise ValueError(
             f"out folder {str(out)!r} is not writable ({exc.strerror or exc})"
@@ -617,20 +588,8 @@ def _load_reference(
 
 
 def _save_reference(path: Path, x: torch.Tensor, nfe: int, key: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            {"x": x.contiguous(), "nfe": torch.tensor(nfe)},
-            tmp,
-            metadata={"key": _canonical(key)},
-        )
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {"x": x.contiguous(), "nfe": torch.tensor(nfe)}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": _canonical(key)}))
 
 
 def reference_endpoint(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..files import probe_writable, write_atomic
 
 __all__ = [
     "CommandError",
@@ -87,9 +88,7 @@ def check_out(
     if not anc.is_dir():
         raise UsageError(f"argument {flag}: cannot write {text}: {anc} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(dir=anc, prefix=".pflow-write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(anc)
     except OSError as exc:
         raise UsageError(
             f"argument {flag}: cannot write {text}: folder {anc} is not writable "
@@ -110,19 +109,6 @@ def check_input(text: str, what: str, suffixes: Sequence[str]) -> Path:
         why = "is a folder" if path.is_dir() else "does not exist"
         raise UsageError(f"{what}: {text} {why}")
     return path
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path`` (same suffix), then rename it
-    onto ``path``: an interrupted or failed write leaves no half-written ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def available_memory() -> int | None:
