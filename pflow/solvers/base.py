@@ -104,7 +104,8 @@ def lincomb(terms: Sequence[tuple[Sigma, Tensor]]) -> Tensor:
     the running sum."""
     c0, t0 = terms[0]
     out = t0 * (column(c0, t0) if isinstance(c0, Tensor) else c0)
-    for c, t in terms[1:]:
+    for j in range(1, len(terms)):
+        c, t = terms[j]
         if isinstance(c, Tensor):
             out.add_(t * column(c, t))
         elif c != 0.0:

@@ -44,7 +44,8 @@ def _stage(
     ``x0_hat + sigma * eps`` of the first stage: the well-conditioned form."""
     c_i = scale(sigma_i)
     terms: list[tuple[Sigma, Tensor]] = [(c_i, first.x0), (c_i * (sigma + h * weights[0]), ks[0])]
-    terms += [(c_i * h * w, k) for w, k in zip(weights[1:], ks[1:]) if w != 0.0]
+    if len(weights) > 1:
+        terms += [(c_i * h * w, k) for w, k in zip(weights[1:], ks[1:]) if w != 0.0]
     return lincomb(terms)
 
 
