@@ -32,6 +32,7 @@ import csv
 import errno
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -215,9 +216,7 @@ class _OutLock:
 
 
 def _lock_out(out: Path) -> _OutLock | None:
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:  # no flock (Windows): runs into one folder are not guarded
+    if importlib.util.find_spec("fcntl") is None:  # no flock (Windows): runs are not guarded
         return None
     return _OutLock(out)
 
@@ -375,11 +374,11 @@ def row_key(
     equal keys are the same computation."""
     key = dict(base)
     if peer:
-        try:
-            from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
             lib = version("diffusers")
-        except Exception:  # noqa: BLE001 - not installed: the run fails later, naming it
+        except PackageNotFoundError:  # not installed: the run fails later, naming it
             lib = None
         key.update(solver=solver, peer=True, options={"diffusers": lib})
         key["grid"] = {"spacing": "diffusers", "steps": int(steps or 0)}

@@ -40,3 +40,15 @@ def tiny_unet(seed: int = 0, channels: int = 3, size: int = 8):
         norm_num_groups=8,
     )
     return unet.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """The random UNet the peer-equivalence tests run pflow and diffusers on."""
+    return tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def noise():
+    """``x_T`` for the peer-equivalence tests: 4 draws of the UNet's (3, 8, 8)."""
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import pytest
 import torch
 
 import pflow
 from pflow.solvers import parse_solver
 
-from .conftest import make_gmm, tiny_unet
+from .conftest import make_gmm
 from .reference import SIGMA_HI, geometric, order_problem, rms, slope
 
 # --- diffusers: DPMSolverSinglestepScheduler(solver_order=2, algorithm_type="dpmsolver++") ---
@@ -58,18 +59,7 @@ from .reference import SIGMA_HI, geometric, order_problem, rms, slope
 REL_TOL = 2e-6
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
 def _scheduler(steps: int, **config):
-    diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DPMSolverSinglestepScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",

@@ -26,8 +26,6 @@ import torch
 
 import pflow
 
-from .conftest import tiny_unet
-
 diffusers = pytest.importorskip("diffusers")
 
 REL_TOL = 2e-6
@@ -37,16 +35,6 @@ REL_TOL = 2e-6
 # 1.6e-6 .. 2.6e-6 (relative) from pflow in float64, up to 3.6e-6 apart. That
 # amplification is what lower_order_final avoids on short grids.
 AMPLIFIED_TOL = 5e-6
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _check(ref: torch.Tensor, res: pflow.SolveResult, ref_nfe: int, tol: float = REL_TOL) -> None:
