@@ -6,6 +6,7 @@ pflow integrates that ODE with the solver of your choice and counts what it cost
 
 from .errors import MaxNFEExceeded, NonFiniteError
 from .grids import get_sigmas, validate_sigmas
+from .guidance import Guided, guide
 from .inversion import decode, encode
 from .likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from .model import EpsModel, ODEModel
@@ -17,6 +18,7 @@ from .solvers import available_solvers
 
 __all__ = [
     "EpsModel",
+    "Guided",
     "LikelihoodResult",
     "MaxNFEExceeded",
     "NoiseSchedule",
@@ -28,6 +30,7 @@ __all__ = [
     "decode",
     "encode",
     "get_sigmas",
+    "guide",
     "keyed_randn",
     "log_likelihood",
     "noise_keys",

@@ -36,9 +36,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .conditioning import Cond, cast_cond, cond_rows, take_cond
 from .schedule import NoiseSchedule
 
-__all__ = ["EpsModel", "ODEModel", "Prediction", "sigma_column"]
+__all__ = ["EpsModel", "ODEModel", "Prediction", "evaluate", "sigma_column"]
 
 Prediction = Literal["epsilon", "sample", "v_prediction"]
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -50,7 +51,13 @@ class ODEModel(Protocol):
 
     ``sigma`` is a Python float, a 0-d tensor, or a 1-D tensor with one sigma per sample.
     Optional attributes: ``schedule`` (a :class:`NoiseSchedule`, needed to build grids
-    from ``steps``) and ``eps_from_xt(x_t, sigma)``.
+    from ``steps``), ``eps_from_xt(x_t, sigma)`` and ``predict_xt(x_t, sigma)``.
+
+    A model bound to per-sample inputs (conditioning, :mod:`pflow.conditioning`) also
+    offers ``cond_rows`` (the number of samples it is for, or ``None`` when nothing is
+    per sample) and ``take(index) -> model`` (the model for the samples ``index``, a
+    slice or an index tensor): the plan checks ``cond_rows`` against the batch before any
+    network call and gives each chunk, shard or subset of running samples its own rows.
     """
 
     def __call__(self, xbar: Tensor, sigma: float | Tensor) -> Tensor: ...
@@ -106,12 +113,17 @@ class EpsModel:
             represent multiples of 4, which costs more accuracy than the network's own
             rounding. A network that needs ``t`` in its own dtype casts it (pflow's bundled
             networks do) or gets ``t_dtype=net_dtype``.
+        cond: keyword inputs of a conditional network, ``net(x_t, t, **cond)``: tensors
+            with one row per sample (or one row shared by all), nested mappings and plain
+            values (see :mod:`pflow.conditioning`). :meth:`condition` makes a conditioned
+            copy; the samples' rows travel with them through chunks and shards.
 
     Raises:
         TypeError: ``net`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, or
             ``t_dtype`` or ``net_dtype`` is not ``None`` or a floating ``torch.dtype``
             (``quantize=True`` is how a network gets integer timesteps).
-        ValueError: an unknown ``prediction``.
+        ValueError: an unknown ``prediction``, or per-sample ``cond`` tensors that disagree
+            on the number of rows.
 
     ``model(xbar, sigma)`` returns ``eps`` in ``xbar``'s dtype. Conversion coefficients are
     computed in float64 from sigma: ``sqrt(a) = 1 / sqrt(1 + sigma^2)`` and
@@ -131,6 +143,7 @@ class EpsModel:
         quantize: bool = False,
         t_dtype: torch.dtype | None = None,
         net_dtype: torch.dtype | None = None,
+        cond: Cond | None = None,
     ) -> None:
         if not callable(net):
             raise TypeError(f"net must be callable as net(x_t, t), got {type(net).__name__}")
@@ -148,6 +161,8 @@ class EpsModel:
         self.quantize = bool(quantize)
         self.t_dtype = None if t_dtype is None else _check_float_dtype(t_dtype, "t_dtype")
         self.net_dtype = None if net_dtype is None else _check_float_dtype(net_dtype, "net_dtype")
+        self._cond_rows = cond_rows(cond, "cond")
+        self.cond: dict[str, Any] = dict(cond or {})
         # Set by compile(): the network before torch.compile and the arguments it got.
         self._eager_net: Callable[[Tensor, Tensor], Tensor] | None = None
         self._compile_kwargs: dict[str, Any] | None = None
@@ -162,8 +177,31 @@ class EpsModel:
         """Whether ``net`` is the ``torch.compile`` wrapper made by :meth:`compile`."""
         return self._compile_kwargs is not None
 
+    @property
+    def cond_rows(self) -> int | None:
+        """Samples the bound conditioning is for, or ``None`` when none of it is per sample."""
+        return self._cond_rows
+
+    def condition(self, **cond: Any) -> EpsModel:
+        """A copy of this model whose network gets ``**cond`` on every call (replacing any
+        earlier conditioning): ``model.condition(class_labels=labels)``,
+        ``model.condition(encoder_hidden_states=emb)``. The network's parameters are
+        shared."""
+        return self._copy_with(self.eager_net, self.net_dtype, cond)
+
+    def take(self, index: slice | Tensor) -> EpsModel:
+        """This model for the samples ``index`` (a slice or an index tensor) of its
+        conditioning; itself when nothing is per sample."""
+        if self._cond_rows is None:
+            return self
+        return self._copy_with(
+            self.eager_net, self.net_dtype, take_cond(self.cond, index, self._cond_rows)
+        )
+
     def __repr__(self) -> str:
         extra = ""
+        if self.cond:
+            extra += f", cond={sorted(self.cond)}"
         if self.net_dtype is not None:
             extra += f", net_dtype={self.net_dtype}"
         if self.is_compiled:
@@ -174,10 +212,14 @@ class EpsModel:
         )
 
     def _copy_with(
-        self, eager_net: Callable[[Tensor, Tensor], Tensor], net_dtype: torch.dtype | None
+        self,
+        eager_net: Callable[..., Tensor],
+        net_dtype: torch.dtype | None,
+        cond: Cond | None = None,
     ) -> EpsModel:
-        """This model with another (uncompiled) network and ``net_dtype``, compiled again
-        with the same arguments when this one is compiled."""
+        """This model with another (uncompiled) network, ``net_dtype`` and conditioning
+        (this one's by default), compiled again with the same arguments when this one is
+        compiled (the compiled function is shared, not compiled twice)."""
         model = EpsModel(
             eager_net,
             self.schedule,
@@ -185,9 +227,15 @@ class EpsModel:
             quantize=self.quantize,
             t_dtype=self.t_dtype,
             net_dtype=net_dtype,
+            cond=self.cond if cond is None else cond,
         )
         if self._compile_kwargs is not None:
-            model = model.compile(**self._compile_kwargs)
+            if eager_net is self.eager_net:
+                model.net = self.net
+                model._eager_net = eager_net
+                model._compile_kwargs = dict(self._compile_kwargs)
+            else:
+                model = model.compile(**self._compile_kwargs)
         return model
 
     def to(
@@ -210,7 +258,8 @@ class EpsModel:
             net = copy.deepcopy(net).to(device=device, dtype=dtype)
             if dtype is not None and net_dtype is not None:
                 net_dtype = dtype
-        return self._copy_with(net, net_dtype)
+        # Floating conditioning (embeddings) follows the network; labels keep their dtype.
+        return self._copy_with(net, net_dtype, cast_cond(self.cond, dtype, device))
 
     def with_network_precision(self, dtype: torch.dtype) -> EpsModel:
         """A copy whose network runs in ``dtype`` while the ODE state keeps its own dtype.
@@ -262,6 +311,7 @@ class EpsModel:
             quantize=self.quantize,
             t_dtype=self.t_dtype,
             net_dtype=self.net_dtype,
+            cond=self.cond,
         )
         model._eager_net = eager
         model._compile_kwargs = dict(compile_kwargs)
@@ -283,8 +333,14 @@ class EpsModel:
             return torch.full((batch,), round(t_val), dtype=torch.long, device=like.device)
         return torch.full((batch,), t_val, dtype=dtype, device=like.device)
 
-    def predict_xt(self, x_t: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+    def predict_xt(
+        self, x_t: Tensor, sigma: float | Tensor, cond: Cond | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(eps, x0_hat)`` from the state in the network's scale ``x_t``.
+
+        ``cond`` replaces the bound conditioning for this call (its rows must match
+        ``x_t``'s); guidance uses it to evaluate the conditional and the unconditional
+        inputs in one network call.
 
         Each is computed the well-conditioned way for the network's prediction type: a
         v-prediction gives ``x0_hat = sqrt(a) x_t - sqrt(1-a) v`` without dividing by a tiny
@@ -298,7 +354,8 @@ class EpsModel:
             sigma = float(sigma)
         t = self.timesteps(sigma, x_t.shape[0], x_t)
         x_in = x_t if self.net_dtype is None else x_t.to(self.net_dtype)
-        out = self.net(x_in, t)
+        kwargs = self.cond if cond is None else cond
+        out = self.net(x_in, t, **kwargs) if kwargs else self.net(x_in, t)
         if not isinstance(out, Tensor):  # diffusers returns an output object
             out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
         if out.shape != x_t.shape:
@@ -342,3 +399,20 @@ class EpsModel:
         else:
             scale = 1 / math.sqrt(1 + float(sigma) ** 2)  # type: ignore[assignment]
         return self.eps_from_xt(xbar * scale, sigma)
+
+
+def evaluate(model: ODEModel, x_t: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(eps, x0_hat)`` of any :class:`ODEModel` at the state ``x_t`` in the network's
+    scale: ``model.predict_xt`` when it has one, else ``eps_from_xt`` or ``model(xbar,
+    sigma)`` with ``x0_hat = None`` (the caller computes it when it needs it)."""
+    predict = getattr(model, "predict_xt", None)
+    if predict is not None:
+        return predict(x_t, sigma)
+    direct = getattr(model, "eps_from_xt", None)
+    if direct is not None:
+        return direct(x_t, sigma), None
+    if isinstance(sigma, Tensor) and sigma.ndim:
+        xbar = x_t * (1 + sigma_column(sigma, x_t) ** 2).sqrt().to(x_t.dtype)
+    else:
+        xbar = x_t * math.sqrt(1.0 + float(sigma) ** 2)
+    return model(xbar, sigma), None

@@ -39,7 +39,11 @@ class SolveResult:
 
     Attributes:
         x: the final state in the network's scale (data space when the grid ends at 0).
-        nfe: network evaluations made, counted by wrapping the model.
+        nfe: evaluations of the ODE's right-hand side, counted by wrapping the model (one
+            per evaluation whatever the batch; a guided evaluation is one NFE).
+        rows: network rows evaluated, summed over the batch and its chunks: ``nfe * batch``
+            for a fixed-grid solve of a plain model, twice that under classifier-free
+            guidance (:mod:`pflow.guidance`).
         sigmas: float64 tensor of the sigmas the state visited, start and end included.
         n_accepted: steps taken (accepted steps for adaptive solvers).
         n_rejected: steps rejected by the step-size controller (0 for fixed grids).
@@ -56,6 +60,7 @@ class SolveResult:
     trajectory: Tensor | None = None
     finished: bool = True
     message: str = ""
+    rows: int = 0
 
 
 def _schedule_of(model: ODEModel) -> NoiseSchedule | None:
@@ -104,6 +109,18 @@ def _check_size(model: ODEModel, x: Tensor, name: str) -> None:
             f"{name} has {x[0].numel()} values per sample (shape {tuple(x.shape)}); the model "
             f"expects {dim}"
         )
+
+
+def _check_rows(model: ODEModel, x: Tensor, name: str) -> int | None:
+    """The conditioning's rows must be the batch's (checked before any network call)."""
+    rows = getattr(model, "cond_rows", None)
+    if rows is not None and rows != x.shape[0]:
+        raise ValueError(
+            f"the model's conditioning has {rows} rows but {name} has {x.shape[0]} samples: "
+            "give one row per sample (or one row shared by all); for a shard or chunk of a "
+            "larger batch, use model.take(indices)"
+        )
+    return rows
 
 
 def _positive(name: str, value: float) -> float:
@@ -227,6 +244,7 @@ def run(
     x = _check_state(name, x)
     _check_size(model, x, name)
     _check_finite(name, x)
+    per_sample_model = _check_rows(model, x, name) is not None
     label = solver if isinstance(solver, str) else getattr(solver, "name", repr(solver))
     spec, from_label = parse_solver(solver)  # type: ignore[arg-type]
     given = dict(solver_options or {})
@@ -296,8 +314,11 @@ def run(
             for o in per_sample:
                 value = options[o.name]
                 chunk[o.name] = value[start:stop] if o.batch_dim == 0 else value[:, start:stop]
+        part = model
+        if per_sample_model and size < batch:
+            part = model.take(slice(start, stop))  # type: ignore[attr-defined]
         ode = ode_factory(
-            model, max_nfe=max_nfe, check_finite=check_finite, process_group=process_group
+            part, max_nfe=max_nfe, check_finite=check_finite, process_group=process_group
         )
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             out = integrate(
@@ -321,6 +342,7 @@ def run(
                 trajectory=traj,
                 finished=out.finished,
                 message=out.message,
+                rows=ode.rows,
                 **{k: v for k, v in {**out.extras, **ode.extras()}.items() if k in fields},
             )
         )
@@ -379,6 +401,7 @@ def _merge(parts: list[SolveResult], result: Callable[..., SolveResult]) -> Solv
         trajectory=traj,
         finished=all(r.finished for r in parts),
         message=next((r.message for r in parts if r.message), ""),
+        rows=sum(r.rows for r in parts),
         **extras,
     )
 

@@ -291,6 +291,7 @@ def _per_sample(
                 h_abs[active] = torch.minimum(torch.full_like(span, float(first_step)), span)
             else:
                 ad = active.to(dev)
+                ode.select(None if active.numel() == n else ad)
                 h_abs[active] = initial_step(
                     ode,
                     solver.order,
@@ -314,6 +315,7 @@ def _per_sample(
             s_next = torch.where(clipped, target, s + h)
             xa = x[ad]
             start = State(xa, s, ev=Evaluation(xa, s, eps_k[ad], x0_k[ad]))
+            ode.select(None if active.numel() == n else ad)  # conditioning rows follow
             new, ratio = solver.attempt(ode, start, s_next, options)
             ratio = ratio.cpu()
             if not bool(torch.isfinite(ratio).all()):
@@ -339,6 +341,7 @@ def _per_sample(
                     going = ids[nxt[ids] < end]
                     if going.numel():
                         gd = going.to(dev)
+                        ode.select(None if going.numel() == n else gd)
                         ev = ode.eval(x[gd], sigma[going].to(dev))
                         eps_k.index_copy_(0, gd, ev.eps)
                         x0_k.index_copy_(0, gd, ev.x0)

@@ -57,11 +57,28 @@ class PFODE:
         self.max_nfe = max_nfe
         self.check_finite = check_finite
         self.nfe = 0
-        self._predict = getattr(model, "predict_xt", None)
-        self._direct = getattr(model, "eps_from_xt", None)
+        self.rows = 0  # network rows evaluated (a guided evaluation costs two per sample)
+        self._base = model
+        self._bind(model)
         self._sums: Tensor | None = None  # float64 sums of eps, one slot per evaluation
         self._n_sums = 0
         self._finite_sigmas: list[float | Tensor] = []
+
+    def _bind(self, model: ODEModel) -> None:
+        self.model = model
+        self._predict = getattr(model, "predict_xt", None)
+        self._direct = getattr(model, "eps_from_xt", None)
+        self._rows_of = getattr(model, "network_rows", None)
+
+    def select(self, index: Tensor | None) -> None:
+        """Evaluate the samples ``index`` of the batch from now on (``None``: all of them):
+        a model bound to per-sample conditioning (``cond_rows``/``take``) gets those rows.
+        The per-sample adaptive driver calls it before each batched trial step on the
+        samples still running."""
+        base = self._base
+        if getattr(base, "cond_rows", None) is None:
+            return
+        self._bind(base if index is None else base.take(index))  # type: ignore[attr-defined]
 
     def eval(self, x: Tensor, sigma: float | Tensor) -> Evaluation:
         """One network evaluation at the state ``x`` (network scale) and ``sigma``."""
@@ -73,6 +90,7 @@ class PFODE:
                 f"{_fmt(sigma)} was reached; raise max_nfe or loosen rtol/atol"
             )
         self.nfe += 1
+        self.rows += x.shape[0] if self._rows_of is None else self._rows_of(sigma, x.shape[0])
         x0: Tensor | None = None
         if self._predict is not None:
             eps, x0 = self._predict(x, sigma)

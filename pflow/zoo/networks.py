@@ -148,6 +148,12 @@ class DigitsUNet(nn.Module):
     ``forward(x_t [B,1,8,8], t [B]) -> eps [B,1,8,8]`` with ``t`` in DDPM timestep
     units (float or integer, possibly fractional).
 
+    Class-conditional when ``num_classes > 0``: ``forward(x_t, t, class_labels)`` with
+    int64 labels in ``[0, num_classes]``, where ``num_classes`` itself is the "null" label
+    (trained by label dropout, Ho & Salimans 2022, arXiv 2207.12598) and ``None`` means
+    null for every sample. A learned embedding of the label is added to the time
+    embedding.
+
     Layout (``channels = (c8, c4, c2)``)::
 
         conv_in -> [ResBlock x n]@8x8 --skip--------------------------------+
@@ -173,6 +179,7 @@ class DigitsUNet(nn.Module):
         mid_blocks: int = 2,
         temb_dim: int = 128,
         dropout: float = 0.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         c8, c4, c2 = channels
@@ -186,6 +193,12 @@ class DigitsUNet(nn.Module):
             "temb_dim": temb_dim,
             "dropout": dropout,
         }
+        self.num_classes = int(num_classes)
+        if self.num_classes:
+            self.config["num_classes"] = self.num_classes
+            # One row per class plus the null label (index num_classes).
+            self.class_emb = nn.Embedding(self.num_classes + 1, temb_dim)
+            nn.init.normal_(self.class_emb.weight, std=0.02)
         self.time_mlp = TimeMLP(c8, temb_dim)
         self.conv_in = nn.Conv2d(in_ch, c8, 3, padding=1)
 
@@ -213,8 +226,16 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         temb = self.time_mlp(_prepare_t(t, x))
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device)
+            temb = temb + self.class_emb(class_labels.to(x.device).long().reshape(-1)).to(
+                temb.dtype
+            )
+        elif class_labels is not None:
+            raise TypeError("this DigitsUNet is unconditional (num_classes=0): no class_labels")
         h = self.conv_in(x)
         skips8 = []
         for block in self.down8:

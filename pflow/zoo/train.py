@@ -3,6 +3,8 @@
 Usage::
 
     python -m pflow.zoo.train digits     --minutes 35 --seed 0 --out pflow/zoo/weights/
+    python -m pflow.zoo.train digits-cond --iters 7000 --minutes 55 --seed 0 \
+        --out pflow/zoo/weights/
     python -m pflow.zoo.train moons      --minutes 4  --seed 0 --out pflow/zoo/weights/
     python -m pflow.zoo.train classifier --minutes 2  --seed 0 --out pflow/zoo/weights/
     python -m pflow.zoo.train report     --out pflow/zoo/weights/ --img docs/img/
@@ -54,6 +56,7 @@ BETA_END = 0.02
 
 FILENAMES = {
     "digits": "digits_unet.safetensors",
+    "digits-cond": "digits_cond_unet.safetensors",
     "moons": "moons_mlp.safetensors",
     "classifier": "digits_classifier.safetensors",
 }
@@ -165,17 +168,32 @@ def _command() -> str:
 
 
 # --------------------------------------------------------------------------- DDPM training
-def diffusion_loss(model: nn.Module, x0: Tensor, ac: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+def diffusion_loss(
+    model: nn.Module,
+    x0: Tensor,
+    ac: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    labels: Tensor | None = None,
+) -> Tensor:
     a = ac[t].to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
     xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-    return F.mse_loss(model(xt, t.to(x0.dtype)), eps)
+    if labels is None:
+        return F.mse_loss(model(xt, t.to(x0.dtype)), eps)
+    return F.mse_loss(model(xt, t.to(x0.dtype), labels), eps)
 
 
 @torch.no_grad()
 def eval_diffusion_loss(
-    model: nn.Module, x0: Tensor, ac: Tensor, seed: int = 1234, repeats: int = 4
+    model: nn.Module,
+    x0: Tensor,
+    ac: Tensor,
+    seed: int = 1234,
+    repeats: int = 4,
+    labels: Tensor | None = None,
 ) -> float:
-    """Epsilon MSE on fixed data with fixed (t, eps) draws (stratified t)."""
+    """Epsilon MSE on fixed data with fixed (t, eps) draws (stratified t), given
+    ``labels`` for a class-conditional model."""
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(repeats):
@@ -183,7 +201,7 @@ def eval_diffusion_loss(
         t = ((torch.arange(n) + torch.rand(n, generator=gen)) * NUM_TIMESTEPS / n).long()
         t = t[torch.randperm(n, generator=gen)].clamp(0, NUM_TIMESTEPS - 1)
         eps = torch.randn(x0.shape, generator=gen)
-        losses.append(diffusion_loss(model, x0, ac, t, eps).item())
+        losses.append(diffusion_loss(model, x0, ac, t, eps, labels).item())
     return float(np.mean(losses))
 
 
@@ -194,8 +212,14 @@ def train_diffusion(
     eval_data: Tensor,
     args: argparse.Namespace,
     augment: Callable[[Tensor], Tensor] | None = None,
+    labels: tuple[Tensor, Tensor] | None = None,
+    p_uncond: float = 0.0,
 ) -> None:
+    """DDPM training with an EMA; ``labels`` (train, eval) for a class-conditional model,
+    whose label is replaced by the null label (``model.num_classes``) with probability
+    ``p_uncond`` (label dropout for classifier-free guidance)."""
     torch.manual_seed(args.seed)
+    drop_gen = torch.Generator().manual_seed(args.seed + 2)
     ac = ddpm_alphas_cumprod().to(torch.float32)
     opt = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99)
@@ -221,12 +245,17 @@ def train_diffusion(
         lr = args.lr * lr_factor(progress, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0 = data[sampler.next()]
+        idx = sampler.next()
+        x0 = data[idx]
         if augment is not None:
             x0 = augment(x0)
+        y = None
+        if labels is not None:
+            y = labels[0][idx].clone()
+            y[torch.rand(len(idx), generator=drop_gen) < p_uncond] = model.num_classes
         t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],))
         eps = torch.randn_like(x0)
-        loss = diffusion_loss(model, x0, ac, t, eps)
+        loss = diffusion_loss(model, x0, ac, t, eps, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip > 0:
@@ -243,8 +272,17 @@ def train_diffusion(
                 flush=True,
             )
     train_seconds = time.perf_counter() - start
-    ema_eval = eval_diffusion_loss(ema.model, eval_data, ac)
-    raw_eval = eval_diffusion_loss(model.eval(), eval_data, ac)
+    test_labels = None if labels is None else labels[1]
+    ema_eval = eval_diffusion_loss(ema.model, eval_data, ac, labels=test_labels)
+    raw_eval = eval_diffusion_loss(model.eval(), eval_data, ac, labels=test_labels)
+    extra: dict = {}
+    if labels is not None:
+        null = torch.full_like(labels[1], model.num_classes)
+        extra = {
+            "num_classes": model.num_classes,
+            "label_dropout": p_uncond,
+            "eval_loss_ema_null_label": eval_diffusion_loss(ema.model, eval_data, ac, labels=null),
+        }
     final = float(np.mean(losses)) if losses else float("nan")
     print(
         f"[{name}] done: iters={it} time={train_seconds:.0f}s train_loss_last1000={final:.5f} "
@@ -284,6 +322,7 @@ def train_diffusion(
         "num_threads": torch.get_num_threads(),
         "command": _command(),
         "weights": "EMA",
+        **extra,
     }
     save_model(ema.model, Path(args.out) / FILENAMES[name], meta)
 
@@ -493,6 +532,7 @@ def report(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- CLI
 DEFAULTS = {
     "digits": {"batch": 128, "lr": 1e-3, "ema": 0.999, "warmup": 0.02, "log_every": 200},
+    "digits-cond": {"batch": 128, "lr": 1e-3, "ema": 0.999, "warmup": 0.02, "log_every": 200},
     "moons": {"batch": 512, "lr": 1e-3, "ema": 0.999, "warmup": 0.02, "log_every": 500},
     "classifier": {"batch": 128, "lr": 2e-3, "ema": 0.99, "warmup": 0.05, "log_every": 200},
 }
@@ -504,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("what", choices=["digits", "moons", "classifier", "report"])
+    parser.add_argument("what", choices=["digits", "digits-cond", "moons", "classifier", "report"])
     parser.add_argument("--minutes", type=float, default=5.0, help="wall-time budget")
     parser.add_argument("--iters", type=int, default=0, help="iteration budget (0: time only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -530,6 +570,12 @@ def main(argv: list[str] | None = None) -> None:
         help="classifier: std of Gaussian input noise augmentation",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="digits UNet dropout")
+    parser.add_argument(
+        "--p-uncond",
+        type=float,
+        default=0.1,
+        help="digits-cond: probability of training on the null label (label dropout)",
+    )
     parser.add_argument("--log-every", type=int)
     parser.add_argument(
         "--arch", default="{}", help="JSON dict of extra constructor kwargs for the network"
@@ -550,10 +596,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.weight_decay == 0.0:
             args.weight_decay = 0.05
         train_classifier(args)
-    elif args.what == "digits":
+    elif args.what in ("digits", "digits-cond"):
         torch.manual_seed(args.seed)
         if "channels" in arch:
             arch["channels"] = tuple(arch["channels"])
+        cond = args.what == "digits-cond"
+        if cond:
+            arch.setdefault("num_classes", 10)
         model = DigitsUNet(dropout=args.dropout, **arch)
         gen = torch.Generator().manual_seed(args.seed + 1)
 
@@ -561,12 +610,14 @@ def main(argv: list[str] | None = None) -> None:
             return random_shift(x, args.shift, gen)
 
         train_diffusion(
-            "digits",
+            args.what,
             model,
             digits_data("train"),
             digits_data("test"),
             args,
             augment if args.shift > 0 else None,
+            labels=(digits_labels("train"), digits_labels("test")) if cond else None,
+            p_uncond=args.p_uncond if cond else 0.0,
         )
     elif args.what == "moons":
         torch.manual_seed(args.seed)
