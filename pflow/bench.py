@@ -20,6 +20,16 @@ keeps (marked ``kept``) the earlier rows this run does not produce. A cached ref
 carries its key in the file's metadata and is checked on load: a corrupt or mismatched
 file is recomputed with a one-line warning; a non-finite reference is an error.
 
+Classifier-free guidance is an axis (``guidance``: scales ``w``) for a class-conditional
+model (``digits-cond``): sample ``i`` gets ``labels[i % len(labels)]`` (every class in turn
+by default), and for each ``w`` every solver and every peer runs on the same guided model
+(:func:`pflow.guide`; peers drive :meth:`pflow.Guided.as_network`), judged against that
+``w``'s own float64 reference. A row's key and the reference's key carry the labels, the
+scale, the interval and the rescale, so ``resume`` never reuses a row across guidance
+settings. Rows record the network rows each sample cost (``rows_per_sample``): a guided
+NFE costs two. The table, ``bench.json`` and the figures (one panel per ``w``) are grouped
+by guidance.
+
 One run at a time per ``out`` folder: the run holds an exclusive ``flock`` on
 ``out/.pflow-bench.lock``; a second run into the same folder refuses at once with an
 error naming the holder's pid (it does not wait). Files are written atomically with the
@@ -36,12 +46,13 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +94,13 @@ class BenchConfig:
     the same network from the same noise at every ``steps``. ``ref_tol`` defaults to the
     model's own (:class:`~pflow.zoo.registry.BundledModel`). ``grid_nfe``: the NFE near
     which each solver's samples are drawn in ``samples.png``. ``resume`` reuses the rows
-    of ``out/bench.json`` whose key matches (see the module docstring)."""
+    of ``out/bench.json`` whose key matches (see the module docstring).
+
+    ``guidance``: classifier-free guidance scales to sweep (a class-conditional model
+    only; empty: the model as it is, unconditioned). ``labels``: the classes, sample ``i``
+    getting ``labels[i % len(labels)]`` (default: every class in turn).
+    ``guidance_interval`` ``(sigma_lo, sigma_hi)`` and ``guidance_rescale`` ``phi``: see
+    :func:`pflow.guide`."""
 
     model: str = "digits"
     solvers: Sequence[str] = ("euler", "heun", "dpmpp_2m", "unipc", "ipndm", "rk45")
@@ -103,13 +120,19 @@ class BenchConfig:
     device: str = "cpu"
     net_dtype: str | None = None
     compile: bool = False
+    guidance: Sequence[float] = ()
+    labels: Sequence[int] | None = None
+    guidance_interval: tuple[float, float] | None = None
+    guidance_rescale: float = 0.0
 
 
 @dataclass
 class Row:
     """One solver at one setting. ``run_key`` is everything that produced it
     (:func:`row_key`); ``kept`` marks a row of an earlier run that the run which wrote
-    the file did not produce (another configuration: see ``run_key``)."""
+    the file did not produce (another configuration: see ``run_key``). ``guidance`` is
+    the row's guidance scale (``None``: unguided); ``rows_per_sample`` the network rows
+    each sample cost (``nfe`` for a plain model, up to twice that under guidance)."""
 
     solver: str
     spacing: str
@@ -124,11 +147,14 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     kept: bool = False
     run_key: dict[str, Any] = field(default_factory=dict)
+    guidance: float | None = None
+    rows_per_sample: float | None = None
 
     @property
     def setting(self) -> str:
-        """Which cell of the sweep the row is (solver label, grid, steps or tolerance)."""
-        return _setting(self.solver, self.spacing, self.steps, self.tol, self.peer)
+        """Which cell of the sweep the row is (solver label, grid, steps or tolerance,
+        guidance scale)."""
+        return _setting(self.solver, self.spacing, self.steps, self.tol, self.peer, self.guidance)
 
     @property
     def key(self) -> str:
@@ -136,8 +162,16 @@ class Row:
         return _canonical(self.run_key)
 
 
-def _setting(solver: str, spacing: str, steps: int | None, tol: float | None, peer: bool) -> str:
-    return f"{solver}|{spacing}|{steps}|{tol}" + ("|peer" if peer else "")
+def _setting(
+    solver: str,
+    spacing: str,
+    steps: int | None,
+    tol: float | None,
+    peer: bool,
+    guidance: float | None = None,
+) -> str:
+    text = f"{solver}|{spacing}|{steps}|{tol}" + ("|peer" if peer else "")
+    return text if guidance is None else f"{text}|w={float(guidance)!r}"
 
 
 def _canonical(obj: Any) -> str:
@@ -297,11 +331,18 @@ def _model_part(config_model: str, bundle: BundledModel) -> dict[str, Any]:
 
 
 def reference_key(
-    model_part: dict[str, Any], bundle: BundledModel, samples: int, seed: int, ref_tol: float
+    model_part: dict[str, Any],
+    bundle: BundledModel,
+    samples: int,
+    seed: int,
+    ref_tol: float,
+    guidance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the reference endpoint: the model (``model_part``, see
     :func:`run_bench`), the noise (seed, samples, kind), the grid ends, the solve (float64
-    ``rk45`` at ``rtol = atol = ref_tol``) and ``last_step``."""
+    ``rk45`` at ``rtol = atol = ref_tol``), ``last_step`` and, for a guided model, its
+    guidance (``guidance``, see :func:`guidance_key`)."""
+    extra = {} if guidance is None else {"guidance": dict(guidance)}
     return _jsonable(
         {
             "kind": "pflow-reference",
@@ -315,6 +356,31 @@ def reference_key(
             "dtype": "float64",
             "tol": float(ref_tol),
             "last_step": bundle.last_step,
+            **extra,
+        }
+    )
+
+
+def guidance_key(
+    bundle: BundledModel,
+    labels: Sequence[int],
+    scale: float,
+    interval: tuple[float, float] | None,
+    rescale: float,
+) -> dict[str, Any]:
+    """The guidance part of a row's and a reference's key: the labels (sample ``i`` gets
+    ``labels[i % len(labels)]``), the null label and the network's keyword for them, the
+    scale, the sigma interval, the rescale and the batched (one network call) evaluation."""
+    return _jsonable(
+        {
+            "scale": float(scale),
+            "labels": [int(v) for v in labels],
+            "assign": "index mod len(labels)",
+            "null_label": int(bundle.null_label),
+            "label_key": bundle.label_key,
+            "interval": None if interval is None else [float(v) for v in interval],
+            "rescale": float(rescale),
+            "batched": True,
         }
     )
 
@@ -322,7 +388,7 @@ def reference_key(
 def _metric_kind(bundle: BundledModel) -> str | None:
     if bundle.exact is not None:
         return "nll"
-    return {"digits": "fd", "moons": "sw2"}.get(bundle.name)
+    return {"digits": "fd", "digits-cond": "fd", "moons": "sw2"}.get(bundle.name)
 
 
 def run_key_base(
@@ -425,8 +491,10 @@ _ROW_TYPES: dict[str, tuple[tuple[type, ...], str, bool]] = {
     "extra": ((dict,), "an object", False),
     "kept": ((bool,), "true or false", False),
     "run_key": ((dict,), "an object", False),
+    "guidance": ((int, float), "a number or null", True),
+    "rows_per_sample": ((int, float), "a number or null", True),
 }
-_ROW_OPTIONAL = {"peer", "extra", "kept", "run_key"}
+_ROW_OPTIONAL = {"peer", "extra", "kept", "run_key", "guidance", "rows_per_sample"}
 
 
 def _describe(data: Any) -> str:
@@ -599,13 +667,18 @@ def reference_endpoint(
     cache_key: dict[str, Any],
     world: World | None = None,
     n_total: int | None = None,
+    model64: Any = None,
+    what: str = "",
 ) -> tuple[torch.Tensor | None, int]:
     """The ODE's endpoint from ``noise64``: float64 ``rk45`` at ``rtol = atol = ref_tol``,
-    from ``sigma_max`` into 0 under the model's ``last_step`` policy. Cached on disk under
-    ``cache_key`` (:func:`reference_key`), which the file's metadata carries and a load
-    checks: a corrupt or mismatched file is recomputed with a warning on stderr. A solve
-    that fails or ends non-finite raises :class:`~pflow.errors.NonFiniteError` (or
-    :class:`~pflow.errors.MaxNFEExceeded`) naming the reference.
+    from ``sigma_max`` into 0 under the model's ``last_step`` policy. ``model64`` is the
+    model to solve, already in float64 (a guided one; default: ``bundle.model`` cast to
+    float64); ``what`` says which in error messages (``"under guidance 4"``). Cached on
+    disk under ``cache_key`` (:func:`reference_key`), which the file's metadata carries
+    and a load checks: a corrupt or mismatched file is recomputed with a warning on
+    stderr. A solve that fails or ends non-finite raises
+    :class:`~pflow.errors.NonFiniteError` (or :class:`~pflow.errors.MaxNFEExceeded`)
+    naming the reference.
 
     Under a :class:`~pflow.distributed.World` of several ranks ``noise64`` is this rank's
     shard of ``n_total`` samples; the solve shares its steps across ranks and the whole
@@ -618,11 +691,16 @@ def reference_endpoint(
         cached = _load_reference(paths, torch.Size([n_total, *noise64.shape[1:]]), cache_key)
     if world.broadcast(cached is not None):
         return (cached[0], cached[1]) if cached is not None else (None, 0)
-    model = bundle.model
-    model64 = (
-        model.to(dtype=torch.float64, device=world.device) if isinstance(model, EpsModel) else model
+    if model64 is None:
+        model = bundle.model
+        model64 = (
+            model.to(dtype=torch.float64, device=world.device)
+            if isinstance(model, EpsModel)
+            else model
+        )
+    what = f"reference solve (float64 rk45, tol {ref_tol:g}) of model {bundle.name!r}" + (
+        f" {what}" if what else ""
     )
-    what = f"reference solve (float64 rk45, tol {ref_tol:g}) of model {bundle.name!r}"
     try:
         res = sample(
             model64,  # type: ignore[arg-type]
@@ -725,6 +803,7 @@ def _validate(config: BenchConfig) -> None:
     bs = config.batch_size
     if bs is not None and (isinstance(bs, bool) or int(bs) != bs or bs < 1):
         raise ValueError(f"batch_size must be a positive integer, got {bs!r}")
+    _validate_guidance(config)
     if config.peers and list(config.peers) != ["auto"]:
         from .integrations import diffusers_peers
 
@@ -736,6 +815,41 @@ def _validate(config: BenchConfig) -> None:
                 f"unknown peer {', '.join(unknown)}; known peers: "
                 f"{', '.join(diffusers_peers.PEERS)}"
             )
+
+
+def _validate_guidance(config: BenchConfig) -> None:
+    """The guidance options, before a model is loaded (the labels' classes and the
+    interval's range are checked against the model once it is)."""
+    scales = list(config.guidance)
+    for w in scales:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"guidance scales must be finite numbers >= 0, got {w!r}")
+    twice = [w for w, n in Counter(float(w) for w in scales).items() if n > 1]
+    if twice:
+        raise ValueError(f"guidance scales must differ, got {twice[0]:g} twice")
+    if not scales:
+        given = [
+            name
+            for name, is_set in (
+                ("labels", config.labels is not None),
+                ("guidance_interval", config.guidance_interval is not None),
+                ("guidance_rescale", config.guidance_rescale != 0.0),
+            )
+            if is_set
+        ]
+        if given:
+            raise ValueError(
+                f"{given[0]} needs guidance scales (guidance, --guidance; 1 is the "
+                "conditional model)"
+            )
+        return
+    if config.labels is not None:
+        labels = list(config.labels)
+        if not labels:
+            raise ValueError("labels must name at least one class, got none")
+        for v in labels:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"labels must be integer classes, got {v!r}")
 
 
 class _Progress:
@@ -806,10 +920,94 @@ def run_bench(config: BenchConfig, world: World | None = None) -> list[Row]:
             lock.release()
 
 
+@dataclass
+class _Group:
+    """The rows of one guidance scale (``scale`` None: unguided): their key base, the
+    guidance part of their keys, the model the rows run and the float64 reference's."""
+
+    scale: float | None
+    base: dict[str, Any]
+    part: dict[str, Any] | None
+    model: Any
+    model64: Any
+
+
+def _labels(config: BenchConfig, bundle: BundledModel) -> list[int]:
+    """The classes cycled over the samples: ``config.labels``, or every class in turn."""
+    if config.labels is not None:
+        return [int(v) for v in config.labels]
+    return list(range(int(bundle.num_classes or 0)))
+
+
+def _check_conditional(config: BenchConfig, bundle: BundledModel) -> list[int]:
+    """The labels of a guided sweep, checked against the model (a class-conditional one)."""
+    if getattr(bundle, "num_classes", None) is None:
+        raise ValueError(
+            f"guidance and labels (--guidance, --label): model {bundle.name!r} is "
+            "unconditional; classifier-free guidance needs a class-conditional model "
+            "(digits-cond)"
+        )
+    labels = _labels(config, bundle)
+    bundle.check_labels(torch.tensor(labels, dtype=torch.int64), "labels (--label)")
+    return labels
+
+
+def sample_labels(labels: Sequence[int], indices: range) -> torch.Tensor:
+    """The labels of the samples ``indices``: sample ``i`` gets ``labels[i % len(labels)]``."""
+    table = torch.tensor(list(labels), dtype=torch.int64)
+    return table[torch.arange(indices.start, indices.stop, dtype=torch.int64) % len(table)]
+
+
+def _groups(
+    config: BenchConfig,
+    bundle: BundledModel,
+    base: dict[str, Any],
+    model: Any,
+    indices: range,
+    device: torch.device,
+) -> list[_Group]:
+    """One group per guidance scale (one unguided group without guidance); every guided
+    model is built (and so checked: interval, rescale) before anything is computed."""
+    if not config.guidance:
+        return [_Group(None, base, None, model, None)]
+    labels = _labels(config, bundle)
+    mine = sample_labels(labels, indices).to(device)
+    prepared = replace(bundle, model=model)
+    # One float64 copy of the network, conditioned per scale (the reference solves).
+    base64 = bundle.model.to(dtype=torch.float64, device=device)  # type: ignore[union-attr]
+    bundle64 = replace(bundle, model=base64)
+    interval, rescale = config.guidance_interval, float(config.guidance_rescale)
+    groups = []
+    for w in config.guidance:
+        scale = float(w)
+        part = guidance_key(bundle, labels, scale, interval, rescale)
+        options: dict[str, Any] = {"interval": interval, "rescale": rescale}
+        groups.append(
+            _Group(
+                scale,
+                {**base, "guidance": part},
+                part,
+                prepared.conditioned(mine, scale, **options),
+                bundle64.conditioned(mine, scale, **options),
+            )
+        )
+    return groups
+
+
+def _per_sample(world: World, total: float, n_local: int, n_total: int) -> float | None:
+    """``total`` (this rank's sum over its ``n_local`` samples) summed over the ranks and
+    divided by ``n_total``, on rank 0 (``None`` elsewhere)."""
+    share = torch.full((n_local,), total / max(n_local, 1), dtype=torch.float64)
+    gathered = world.gather(share, n_total)
+    return None if gathered is None else float(gathered.mean())
+
+
 def _sweep(
     config: BenchConfig, world: World, out: Path | None, earlier: list[Row] | None
 ) -> list[Row]:
     bundle = load_model(config.model)
+    if config.guidance:
+        _check_conditional(config, bundle)
     if list(config.peers) == ["auto"]:
         config.peers = _auto_peers(bundle)
     ref_tol = config.ref_tol if config.ref_tol is not None else bundle.ref_tol
@@ -817,10 +1015,18 @@ def _sweep(
         raise ValueError(f"samples ({config.samples}) must be at least the number of ranks")
     model_part = _model_part(config.model, bundle)
     base = run_key_base(config, bundle, model_part, ref_tol, world.device)
-    todo = [(setting, row_key(base, *setting, bundle.last_step)) for setting in _settings(config)]
+
+    indices = world.shard(config.samples)
+    model = prepare_model(bundle.model, world.device, config.net_dtype, config.compile)
+    groups = _groups(config, bundle, base, model, indices, world.device)
+    todo = [
+        (group, setting, row_key(group.base, *setting, bundle.last_step))
+        for group in groups
+        for setting in _settings(config)
+    ]
     plan: ResumePlan | None = None
     if world.is_main and earlier is not None and out is not None:
-        plan = plan_resume(earlier, {_setting(*s): k for s, k in todo})
+        plan = plan_resume(earlier, {_setting(*s, g.scale): k for g, s, k in todo})
         where = str(out / "bench.json")
         print(
             f"pflow bench: resume from {where!r}: {plan.summary()}"
@@ -834,95 +1040,109 @@ def _sweep(
     # loses nothing.
     pending: dict[str, Row] = dict(plan.earlier) if plan is not None else {}
 
-    indices = world.shard(config.samples)
     noise64 = _noise(bundle, indices, config.seed).to(world.device)
     noise = noise64.float()
-    model = prepare_model(bundle.model, world.device, config.net_dtype, config.compile)
-    ref_key = reference_key(model_part, bundle, config.samples, config.seed, ref_tol)
-    ref, ref_nfe = reference_endpoint(
-        bundle,
-        noise64,
-        ref_tol,
-        out / ".cache" if out else None,
-        ref_key,
-        world=world,
-        n_total=config.samples,
-    )
-    reference = {
-        "solver": "rk45",
-        "dtype": "float64",
-        "tol": ref_tol,
-        "last_step": bundle.last_step,
-        "nfe": ref_nfe,
-        "key": ref_key,
-    }
+    references: dict[float | None, dict[str, Any]] = {}
 
     def write(rows: list[Row]) -> None:
         kept = [Row(**{**asdict(r), "kept": True}) for r in pending.values()]
-        _write(out, config, bundle, [*rows, *kept], reference)  # type: ignore[arg-type]
+        _write(out, config, bundle, [*rows, *kept], references)  # type: ignore[arg-type]
 
     rows: list[Row] = []
     grid_samples: dict[str, tuple[int, torch.Tensor]] = {}
     progress = _Progress(len(todo), config.quiet or not world.is_main)
-    for (solver, spacing, steps, tol, peer), key in todo:
-        setting = _setting(solver, spacing, steps, tol, peer)
-        if setting in reuse:
-            if plan is not None:
-                rows.append(Row(**{**asdict(plan.reused[setting]), "kept": False}))
-                pending.pop(setting, None)
-            progress.step(f"{solver} (resumed)")
-            continue
-        t0 = time.perf_counter()
-        where = f"solver {solver!r} ({spacing}, {steps if tol is None else f'tol {tol:g}'})"
-        try:
-            if peer:
-                x, nfe = _run_peer(model, solver, noise, int(steps or 0), config.batch_size)
-                n_rej = 0
-            else:
-                spec = parse_solver(solver)[0]
-                kwargs: dict[str, Any] = {"last_step": last_step_for(spec, bundle.last_step)}
-                if tol is None:
-                    kwargs.update(steps=steps, spacing=spacing)
-                else:
-                    kwargs.update(rtol=tol, atol=tol)
-                keys = noise_keys(config.seed, indices)
-                kwargs.update(shard_options(solver, world, keys, config.batch_size))
-                # The label goes to sample() as written: it parses and applies its options.
-                res = sample(model, noise, solver, **kwargs)
-                x, nfe, n_rej = res.x, res.nfe, res.n_rejected
-        except (NonFiniteError, MaxNFEExceeded) as exc:  # the same error, naming the row
-            raise type(exc)(f"{where}: {_one_line(exc)}") from None
-        wall = world.max(time.perf_counter() - t0)
-        gathered = world.gather(x, config.samples)
-        if gathered is None or ref is None:
-            continue
-        x = gathered
-        metric, metric_name = distribution_metric(bundle, x)
-        # A stochastic sampler's endpoint is not the ODE's: no trajectory error.
-        stochastic = not peer and _draws_noise(solver)
-        row = Row(
-            solver,
-            spacing,
-            steps,
-            tol,
-            nfe,
-            math.nan if stochastic else trajectory_rmse(x, ref),
-            metric,
-            metric_name,
-            wall,
-            peer=peer,
-            extra={"n_rejected": n_rej, "stochastic": stochastic},
-            run_key=key,
+    ref: torch.Tensor | None = None
+    for group in groups:
+        w = group.scale
+        ref_key = reference_key(
+            model_part, bundle, config.samples, config.seed, ref_tol, guidance=group.part
         )
-        rows.append(row)
-        pending.pop(setting, None)
-        label = f"{solver} ({spacing})" if not peer else f"{solver} (diffusers)"
-        best = grid_samples.get(label)
-        if best is None or abs(nfe - config.grid_nfe) < abs(best[0] - config.grid_nfe):
-            grid_samples[label] = (nfe, x[:32].clone())
-        if out is not None:
-            write(rows)
-        progress.step(f"{solver} {spacing} {steps or tol}")
+        ref, ref_nfe = reference_endpoint(
+            bundle,
+            noise64,
+            ref_tol,
+            out / ".cache" if out else None,
+            ref_key,
+            world=world,
+            n_total=config.samples,
+            model64=group.model64,
+            what="" if w is None else f"under guidance {w:g}",
+        )
+        references[w] = {
+            "solver": "rk45",
+            "dtype": "float64",
+            "tol": ref_tol,
+            "last_step": bundle.last_step,
+            "nfe": ref_nfe,
+            "key": ref_key,
+        }
+        for (solver, spacing, steps, tol, peer), key in ((s, k) for g, s, k in todo if g is group):
+            setting = _setting(solver, spacing, steps, tol, peer, w)
+            if setting in reuse:
+                if plan is not None:
+                    rows.append(Row(**{**asdict(plan.reused[setting]), "kept": False}))
+                    pending.pop(setting, None)
+                progress.step(f"{solver} (resumed)")
+                continue
+            t0 = time.perf_counter()
+            where = f"solver {solver!r} ({spacing}, {steps if tol is None else f'tol {tol:g}'}"
+            where += ")" if w is None else f", guidance {w:g})"
+            try:
+                if peer:
+                    x, nfe, n_rows = _run_peer(
+                        group.model, solver, noise, int(steps or 0), config.batch_size
+                    )
+                    n_rej = 0
+                else:
+                    spec = parse_solver(solver)[0]
+                    kwargs: dict[str, Any] = {"last_step": last_step_for(spec, bundle.last_step)}
+                    if tol is None:
+                        kwargs.update(steps=steps, spacing=spacing)
+                    else:
+                        kwargs.update(rtol=tol, atol=tol)
+                    keys = noise_keys(config.seed, indices)
+                    kwargs.update(shard_options(solver, world, keys, config.batch_size))
+                    # The label goes to sample() as written: it parses and applies its options.
+                    res = sample(group.model, noise, solver, **kwargs)
+                    x, nfe, n_rej, n_rows = res.x, res.nfe, res.n_rejected, res.rows
+            except (NonFiniteError, MaxNFEExceeded) as exc:  # the same error, naming the row
+                raise type(exc)(f"{where}: {_one_line(exc)}") from None
+            wall = world.max(time.perf_counter() - t0)
+            per_sample = _per_sample(world, float(n_rows), len(indices), config.samples)
+            gathered = world.gather(x, config.samples)
+            if gathered is None or ref is None:
+                continue
+            x = gathered
+            metric, metric_name = distribution_metric(bundle, x)
+            # A stochastic sampler's endpoint is not the ODE's: no trajectory error.
+            stochastic = not peer and _draws_noise(solver)
+            row = Row(
+                solver,
+                spacing,
+                steps,
+                tol,
+                nfe,
+                math.nan if stochastic else trajectory_rmse(x, ref),
+                metric,
+                metric_name,
+                wall,
+                peer=peer,
+                extra={"n_rejected": n_rej, "stochastic": stochastic},
+                run_key=key,
+                guidance=w,
+                rows_per_sample=per_sample,
+            )
+            rows.append(row)
+            pending.pop(setting, None)
+            label = f"{solver} ({spacing})" if not peer else f"{solver} (diffusers)"
+            if w is not None:
+                label += f", w={w:g}"
+            best = grid_samples.get(label)
+            if best is None or abs(nfe - config.grid_nfe) < abs(best[0] - config.grid_nfe):
+                grid_samples[label] = (nfe, x[:32].clone())
+            if out is not None:
+                write(rows)
+            progress.step(f"{solver} {spacing} {steps or tol}" + ("" if w is None else f" w={w:g}"))
     if not world.is_main:
         return []
     if out is not None:
@@ -971,24 +1191,26 @@ def prepare_model(
 
 def _run_peer(
     model: Any, name: str, noise: torch.Tensor, steps: int, batch_size: int | None
-) -> tuple[torch.Tensor, int]:
-    from .integrations.diffusers_peers import run_peer
-
-    if not isinstance(model, EpsModel) or model.prediction != "epsilon":
-        raise ValueError("diffusers peers need an EpsModel with prediction='epsilon'")
-    net = model.net
-    if model.net_dtype is not None:  # the same reduced-precision network as pflow's rows
-        dtype = model.net_dtype
-
-        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model.net(x.to(dtype), t).to(x.dtype)
+) -> tuple[torch.Tensor, int, int]:
+    """diffusers' scheduler ``name`` driving ``model``'s network (a plain ``net(x_t, t)``,
+    see :func:`~pflow.integrations.diffusers_peers.peer_network`: a guided model's
+    :meth:`~pflow.Guided.as_network`) from ``noise`` in ``batch_size`` chunks, each with
+    its samples' conditioning. Returns the samples, the network calls of a chunk and the
+    network rows of all chunks."""
+    from .integrations.diffusers_peers import peer_network, run_peer
 
     size = batch_size or noise.shape[0]
-    parts = [
-        run_peer(name, net, model.schedule, noise[i : i + size], steps)
-        for i in range(0, noise.shape[0], size)
-    ]
-    return torch.cat([p[0] for p in parts]), max(p[1] for p in parts)
+    per_sample = getattr(model, "cond_rows", None) is not None
+    parts = []
+    for i in range(0, noise.shape[0], size):
+        chunk = model.take(slice(i, i + size)) if per_sample else model
+        net, rows = peer_network(chunk)
+        parts.append((*run_peer(name, net, model.schedule, noise[i : i + size], steps), rows))
+    return (
+        torch.cat([p[0] for p in parts]),
+        max(p[1] for p in parts),
+        sum(p[2].total for p in parts),
+    )
 
 
 def _plots(
@@ -1001,6 +1223,8 @@ def _plots(
     from .plots import plot_samples, plot_vs_nfe
 
     title = f"{bundle.description}; {config.samples} samples, seed {config.seed}"
+    if config.guidance:
+        title += "; " + _guidance_words(rows[0].run_key.get("guidance", {}) if rows else {}, True)
     plot_vs_nfe(rows, out / "error_vs_nfe.png", title=title)
     if any(r.metric is not None for r in rows):
         name = next(r.metric_name for r in rows if r.metric_name)
@@ -1018,14 +1242,24 @@ def _plots(
     )
 
 
+def _by_guidance(rows: Sequence[Row]) -> list[Row]:
+    """``rows`` grouped by guidance scale (unguided first, then by scale), each group in
+    its own order."""
+    return sorted(rows, key=lambda r: (r.guidance is not None, r.guidance or 0.0))
+
+
 def _write(
     out: Path,
     config: BenchConfig,
     bundle: BundledModel,
     rows: list[Row],
-    reference: dict[str, Any],
+    references: dict[float | None, dict[str, Any]],
 ) -> None:
-    payload = {
+    """``bench.json`` and ``bench.csv``. Unguided: one ``reference``. Guided: the
+    reference's common settings with one entry per scale (``reference.by_guidance``), the
+    guidance settings (``guidance``), and the rows grouped by scale."""
+    guided = bool(config.guidance)
+    payload: dict[str, Any] = {
         "config": asdict(config),
         "model": {
             "name": bundle.name,
@@ -1033,9 +1267,22 @@ def _write(
             "shape": list(bundle.shape),
             "last_step": bundle.last_step,
         },
-        "reference": reference,
-        "rows": [asdict(r) for r in rows],
     }
+    if not guided:
+        payload["reference"] = references.get(None, {})
+    else:
+        first = next(iter(references.values()), {})
+        payload["reference"] = {
+            **{k: first.get(k) for k in ("solver", "dtype", "tol", "last_step")},
+            "by_guidance": [{"guidance": w, **ref} for w, ref in references.items()],
+        }
+        part = first.get("key", {}).get("guidance", {})
+        payload["guidance"] = {
+            "scales": [float(w) for w in config.guidance],
+            **{k: v for k, v in part.items() if k != "scale"},
+        }
+    rows = _by_guidance(rows) if guided or any(r.guidance is not None for r in rows) else rows
+    payload["rows"] = [asdict(r) for r in rows]
     _atomic_write(out / "bench.json", json.dumps(payload, indent=1))
     fields = [
         "solver",
@@ -1049,6 +1296,7 @@ def _write(
         "wall_s",
         "peer",
         "kept",
+        *(["guidance", "rows_per_sample"] if any(r.guidance is not None for r in rows) else []),
         "samples",
         "seed",
         "model_id",
@@ -1076,11 +1324,44 @@ def _write(
     _atomic_write(out / "bench.csv", "".join(lines))
 
 
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` as ``"0-3,7"``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(
+            f"{values[i]}-{values[j]}" if j > i + 1 else ",".join(map(str, values[i : j + 1]))
+        )
+        i = j + 1
+    return ",".join(parts)
+
+
+def _guidance_words(part: dict[str, Any], short: bool = False) -> str:
+    """A guidance key part (:func:`guidance_key`) in words, without the scale."""
+    labels = part.get("labels") or []
+    words = f"labels {_ranges(labels)}" + (
+        " cycled" if short else f" (sample i: labels[i mod {len(labels)}])"
+    )
+    if part.get("interval") is not None:
+        lo, hi = (f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in part["interval"])
+        words += f", sigma in ({lo}, {hi}]"
+    if part.get("rescale"):
+        words += f", rescale {part['rescale']:g}"
+    return words
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text table, one row per solver and setting, sorted by solver then NFE."""
+    """A plain-text table, one row per solver and setting, sorted by solver then NFE.
+    Rows with a guidance scale are grouped by it, one section per scale headed by the
+    scale, labels, interval and rescale, with a column of the network rows per sample."""
     metric_name = next((r.metric_name for r in rows if r.metric_name), "")
-    head = ["solver", "grid", "steps/tol", "NFE", "RMSE vs ref", metric_name or "metric", "time s"]
-    body = []
+    guided = any(r.guidance is not None for r in rows)
+    head = ["solver", "grid", "steps/tol", "NFE"] + (["rows/sample"] if guided else [])
+    head += ["RMSE vs ref", metric_name or "metric", "time s"]
+    groups: dict[float | None, list[list[str]]] = {}
     for r in sorted(rows, key=lambda r: (r.peer, r.solver, r.spacing, r.nfe)):
         setting = str(r.steps) if r.steps is not None else f"{r.tol:g}"
         metric = "" if r.metric is None or math.isnan(r.metric) else f"{r.metric:.4f}"
@@ -1089,9 +1370,26 @@ def format_table(rows: Sequence[Row]) -> str:
             rmse = "n/a (stochastic)" if r.extra.get("stochastic", True) else "nan"
         else:
             rmse = f"{r.rmse:.3e}"
-        body.append([name, r.spacing, setting, str(r.nfe), rmse, metric, f"{r.wall_s:.2f}"])
+        cells = [name, r.spacing, setting, str(r.nfe)]
+        if guided:
+            cells.append("" if r.rows_per_sample is None else f"{r.rows_per_sample:g}")
+        cells += [rmse, metric, f"{r.wall_s:.2f}"]
+        groups.setdefault(r.guidance, []).append(cells)
+    body = [cells for group in groups.values() for cells in group]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
-    lines += [fmt.format(*b) for b in body]
+    top = [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
+    if not guided:
+        return "\n".join(top + [fmt.format(*b) for b in body])
+    first = {r.guidance: r for r in reversed(rows)}
+    lines: list[str] = []
+    for w in sorted(groups, key=lambda g: (g is not None, g or 0.0)):
+        if lines:
+            lines.append("")
+        if w is None:
+            lines.append("no guidance")
+        else:
+            words = _guidance_words(first[w].run_key.get("guidance") or {})
+            lines.append(f"guidance w = {w:g}: {words}")
+        lines += top + [fmt.format(*b) for b in groups[w]]
     return "\n".join(lines)

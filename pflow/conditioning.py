@@ -18,13 +18,22 @@ The rules, checked by :func:`cond_rows` before any network call:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Cond", "cond_rows", "take_cond", "expand_cond", "concat_cond", "cast_cond"]
+__all__ = [
+    "Cond",
+    "cond_rows",
+    "check_keywords",
+    "take_cond",
+    "expand_cond",
+    "concat_cond",
+    "cast_cond",
+]
 
 Cond = Mapping[str, Any]
 
@@ -70,6 +79,33 @@ def cond_rows(cond: Cond | None, name: str = "cond") -> int | None:
                 "tensor needs one row per sample (or exactly one row, shared by all)"
             )
     return rows
+
+
+def check_keywords(net: Any, cond: Cond | None, name: str = "cond") -> None:
+    """A ``TypeError`` now, before any network call, when ``net``'s signature shows that
+    it cannot take one of ``cond``'s keywords (``net(x_t, t, **cond)`` would fail at the
+    first call). A network whose signature cannot be read, or that takes ``**kwargs``,
+    passes: what it does with a keyword is its own business."""
+    if not cond:
+        return
+    fn = net.forward if isinstance(net, torch.nn.Module) else net
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = {p.name for p in params if p.kind in named}
+    for key in cond:
+        if key not in accepted:
+            what = getattr(fn, "__qualname__", None) or type(net).__name__
+            raise TypeError(
+                f"{name}: the network does not accept the keyword {key!r} ({what}{signature} "
+                "is called as net(x_t, t, **cond)); is it a conditional network, and is "
+                f"{key!r} the name its forward gives that input?"
+            )
 
 
 def _check_keys(cond: Mapping[Any, Any], name: str) -> None:

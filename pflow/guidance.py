@@ -31,10 +31,11 @@ Two refinements, both off by default:
   predictions.
 
 Cost: a guided evaluation runs the network on ``2 * batch`` rows (``batch`` where the
-interval switches guidance off, and when ``w`` is 1 or 0), in one call of twice the batch
-(``batched=True``, as diffusers does) or two calls (``batched=False``: half the peak
-memory). pflow counts one NFE per evaluation of the ODE's right-hand side, as every sampler
-paper does, and reports the network rows separately (``SolveResult.rows``).
+interval switches guidance off, when ``w`` is 1, and when it is 0 without rescale), in
+one call of twice the batch (``batched=True``, as diffusers does) or two calls
+(``batched=False``: half the peak memory). pflow counts one NFE per evaluation of the
+ODE's right-hand side, as every sampler paper does, and reports the network rows
+separately (``SolveResult.rows``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .conditioning import concat_cond, cond_rows
+from .conditioning import check_keywords, concat_cond, cond_rows
 from .model import EpsModel, ODEModel, evaluate, sigma_column
 
 __all__ = ["Guided", "guide"]
@@ -102,6 +103,8 @@ class Guided:
     :func:`guide` builds one from a conditioned :class:`EpsModel` and the unconditional
     keywords.
     """
+
+    _identity_skip = ("_rows", "_same_net")  # derived (pflow.identity)
 
     def __init__(
         self,
@@ -240,9 +243,15 @@ class Guided:
             if 0 < n < batch:
                 return batch + n  # see _mixed: conditional for all, unconditional for n
             active = n == batch
-        if not active or self.scale == 0.0:
+        if not active or self._unconditional_only:
             return batch
         return 2 * batch
+
+    @property
+    def _unconditional_only(self) -> bool:
+        """``w = 0`` without rescale is the unconditional model alone; with rescale the
+        field still needs ``std(eps_c)`` (and ``_mixed`` applies it), so both are run."""
+        return self.scale == 0.0 and not self.rescale
 
     def _pair(self, x_t: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(eps_u, x0_u, eps_c, x0_c)``, in one network call when possible."""
@@ -275,7 +284,7 @@ class Guided:
         if not active:
             eps, x0 = evaluate(self.conditional, x_t, sigma)
             return eps, _x0(x_t, sigma, eps, x0)
-        if self.scale == 0.0:
+        if self._unconditional_only:
             eps, x0 = evaluate(self.unconditional, x_t, sigma)
             return eps, _x0(x_t, sigma, eps, x0)
         eps_u, x0_u, eps_c, x0_c = self._pair(x_t, sigma)
@@ -309,8 +318,7 @@ class Guided:
         eps = eps_u + w * (eps_c - eps_u)
         x0 = x0_u + w * (x0_c - x0_u)
         if self.rescale:
-            dims = tuple(range(1, eps.ndim))
-            factor = eps_c.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True)
+            factor = _spread(eps_c) / _spread(eps)  # std(eps_c) / std(eps_w), per sample
             mix = self.rescale * factor + (1.0 - self.rescale)
             new = eps * mix
             # x0_hat = sqrt(1 + sigma^2) x_t - sigma eps moves by -sigma * (new - eps).
@@ -351,6 +359,16 @@ class Guided:
             return self.eps_from_xt(x_t, sig.to(x_t.device))
 
         return net
+
+
+def _spread(eps: Tensor) -> Tensor:
+    """Each sample's root sum of squared deviations from its mean, shaped ``(batch, 1,
+    ...)``: its standard deviation up to a factor that cancels in rescale's ratio. Written
+    out because ``Tensor.std`` over a batch of one does not round as it does over a larger
+    batch (on the CPU), and a sample must get the same answer whatever its chunk."""
+    flat = eps.reshape(eps.shape[0], -1)
+    dev = flat - flat.mean(1, keepdim=True)
+    return (dev * dev).sum(1).sqrt().reshape(eps.shape[0], *([1] * (eps.ndim - 1)))
 
 
 def _x0(x_t: Tensor, sigma: float | Tensor, eps: Tensor, x0: Tensor | None) -> Tensor:
@@ -394,7 +412,9 @@ def guide(
         pflow.sample(g, noise, "dpmpp_2m", steps=10)
 
     Raises:
-        TypeError: ``model`` is not an :class:`EpsModel`; a wrong type of argument.
+        TypeError: ``model`` is not an :class:`EpsModel`; a wrong type of argument; a
+            keyword (of ``model``'s conditioning or of ``uncond``) that the network's
+            signature does not take.
         ValueError: ``scale`` < 0 or not finite, an interval outside the schedule's sigma
             range, ``rescale`` outside [0, 1], conditioning rows that disagree, or (batched)
             keywords that differ between the two calls.
@@ -406,5 +426,8 @@ def guide(
         )
     if uncond is not None:
         cond_rows(uncond, "uncond")
+    # A keyword the network cannot take fails here rather than at the first call.
+    check_keywords(model.eager_net, model.cond, "model")
+    check_keywords(model.eager_net, uncond, "uncond")
     unconditional = model.condition(**(uncond or {}))
     return Guided(model, unconditional, scale, interval=interval, rescale=rescale, batched=batched)

@@ -55,8 +55,9 @@ def _feed(h: Any, name: str, value: Any, depth: int, seen: set[int]) -> None:
     elif hasattr(value, "__dict__"):
         seen.add(id(value))
         h.update(f"{name}<{type(value).__module__}.{type(value).__qualname__}>".encode())
+        skip = getattr(type(value), "_identity_skip", ())
         for k in sorted(vars(value)):
-            if k.startswith("__"):
+            if k.startswith("__") or k in skip:
                 continue
             _feed(h, f"{name}.{k}", vars(value)[k], depth + 1, seen)
 
@@ -66,7 +67,8 @@ def model_identity(model: Any) -> str:
     its tensors (a network's state dict, a schedule's table) and its plain settings.
     Functions (a factory's closure) are identified by their module and qualified name
     only: wrap weights in an ``nn.Module`` or keep them as tensors on the model object to
-    have them hashed."""
+    have them hashed. A class may name attributes derived from others (caches) in
+    ``_identity_skip``; they are left out."""
     h = hashlib.sha256()
     _feed(h, "model", model, 0, set())
     return h.hexdigest()

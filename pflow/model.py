@@ -36,8 +36,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from .conditioning import Cond, cast_cond, cond_rows, take_cond
-from .schedule import NoiseSchedule
+from .conditioning import Cond, cast_cond, check_keywords, cond_rows, take_cond
+from .schedule import ContinuousVPSchedule, NoiseSchedule
 
 __all__ = ["EpsModel", "ODEModel", "Prediction", "evaluate", "sigma_column"]
 
@@ -94,7 +94,9 @@ class EpsModel:
     Args:
         net: callable ``net(x_t, t) -> prediction`` with ``x_t`` of shape ``(batch, ...)``
             and ``t`` a 1-D tensor of shape ``(batch,)``.
-        schedule: the schedule the network was trained with.
+        schedule: the schedule the network was trained with: a table
+            (:class:`NoiseSchedule`) or score-SDE's continuous VP schedule
+            (:class:`~pflow.ContinuousVPSchedule`, whose ``t`` is continuous).
         prediction: what ``net`` predicts: ``"epsilon"``, ``"sample"`` (x0) or
             ``"v_prediction"``.
         quantize: pass the nearest training step (an int64 tensor) instead of the
@@ -134,10 +136,14 @@ class EpsModel:
     the uncompiled network and compile the result again with the same arguments.
     """
 
+    # Derived from ``cond``, which is hashed (an empty ``cond`` adds nothing, so an
+    # unconditional model keeps the identity it had before conditioning existed).
+    _identity_skip = ("_cond_rows",)
+
     def __init__(
         self,
         net: Callable[[Tensor, Tensor], Tensor],
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | ContinuousVPSchedule,
         prediction: Prediction = "epsilon",
         *,
         quantize: bool = False,
@@ -147,9 +153,11 @@ class EpsModel:
     ) -> None:
         if not callable(net):
             raise TypeError(f"net must be callable as net(x_t, t), got {type(net).__name__}")
-        if not isinstance(schedule, NoiseSchedule):
+        if not isinstance(schedule, (NoiseSchedule, ContinuousVPSchedule)):
             raise TypeError(
-                f"schedule must be a pflow.NoiseSchedule, got {type(schedule).__name__}"
+                "schedule must be a pflow.NoiseSchedule or pflow.ContinuousVPSchedule (a VP "
+                f"schedule), got {type(schedule).__name__}; an EDM denoiser is a "
+                "pflow.DenoiserModel, a flow-matching velocity a pflow.VelocityModel"
             )
         if prediction not in _PREDICTIONS:
             raise ValueError(
@@ -162,6 +170,7 @@ class EpsModel:
         self.t_dtype = None if t_dtype is None else _check_float_dtype(t_dtype, "t_dtype")
         self.net_dtype = None if net_dtype is None else _check_float_dtype(net_dtype, "net_dtype")
         self._cond_rows = cond_rows(cond, "cond")
+        check_keywords(net, cond, "cond")
         self.cond: dict[str, Any] = dict(cond or {})
         # Set by compile(): the network before torch.compile and the arguments it got.
         self._eager_net: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -227,8 +236,14 @@ class EpsModel:
             quantize=self.quantize,
             t_dtype=self.t_dtype,
             net_dtype=net_dtype,
-            cond=self.cond if cond is None else cond,
         )
+        if cond is None or cond is self.cond:
+            model.cond, model._cond_rows = self.cond, self._cond_rows
+        else:  # new conditioning: its rows (and, when the network changed, its keywords)
+            model._cond_rows = cond_rows(cond, "cond")
+            if eager_net is not self.eager_net or set(cond) - set(self.cond):
+                check_keywords(eager_net, cond, "cond")
+            model.cond = dict(cond)
         if self._compile_kwargs is not None:
             if eager_net is self.eager_net:
                 model.net = self.net

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["plot_vs_nfe", "plot_samples"]
+__all__ = ["figure_vs_nfe", "plot_vs_nfe", "plot_samples"]
 
 
 def _series(rows: Sequence[Any]) -> dict[tuple[str, str, bool], list[Any]]:
@@ -44,6 +44,109 @@ def _best_grid_per_solver(
     return {key: lines[key] for _, key in best.values()}
 
 
+_LINE_STYLES = "solid: pflow, dashed: diffusers peer"
+
+
+def _points(rs: Sequence[Any], field: str) -> list[tuple[int, float]]:
+    return sorted(
+        (r.nfe, getattr(r, field))
+        for r in rs
+        if getattr(r, field) is not None and getattr(r, field) > 0
+    )
+
+
+def _label(solver: str, spacing: str, peer: bool) -> str:
+    return f"{solver} (diffusers)" if peer else f"{solver} [{spacing}]"
+
+
+def _draw(ax: Any, lines: Mapping[tuple[str, str, bool], list[Any]], field: str, colours: Any):
+    for key, rs in sorted(lines.items()):
+        pts = _points(rs, field)
+        if not pts:
+            continue
+        solver, spacing, peer = key
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            ("--" if peer else "-") + "o",
+            ms=3.5,
+            lw=1.4,
+            label=_label(solver, spacing, peer),
+            alpha=0.9 if not peer else 0.7,
+            color=colours[key],
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.25)
+
+
+def figure_vs_nfe(
+    rows: Sequence[Any],
+    *,
+    field: str = "rmse",
+    ylabel: str = "endpoint RMSE vs reference",
+    title: str = "",
+    max_lines: int = 14,
+) -> Any:
+    """The figure of :func:`plot_vs_nfe` (a matplotlib ``Figure``; the caller closes it).
+
+    Rows without guidance: one panel. Rows with a ``guidance`` scale: one panel per scale,
+    in increasing order, sharing both axes, each solver and grid in the same colour in
+    every panel, and one legend for the figure."""
+    lines_all = _series(rows)
+    if len(lines_all) > max_lines:
+        lines_all = _best_grid_per_solver(lines_all, field)
+        title = (title + "; " if title else "") + "best grid per solver"
+    keep = set(lines_all)
+    drawn = [k for k in sorted(keep) if _points(lines_all[k], field)]
+    colours = {k: f"C{i % 10}" for i, k in enumerate(drawn)}
+    scales = sorted({r.guidance for r in rows if getattr(r, "guidance", None) is not None})
+    if not scales:
+        fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+        _draw(ax, lines_all, field, colours)
+        ax.set_xlabel("NFE (network evaluations, counted)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2, loc="best")
+        fig.tight_layout()
+        return fig
+    cols = min(4, len(scales))
+    n_rows = (len(scales) + cols - 1) // cols
+    fig, axes = plt.subplots(
+        n_rows,
+        cols,
+        figsize=(3.8 * cols + 0.6, 3.4 * n_rows + 1.2),
+        dpi=120,
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in list(axes.flat)[len(scales) :]:
+        fig.delaxes(ax)
+    handles: dict[str, Any] = {}
+    for ax, w in zip(axes.flat, scales):
+        panel = _series([r for r in rows if getattr(r, "guidance", None) == w])
+        _draw(ax, {k: v for k, v in panel.items() if k in keep}, field, colours)
+        ax.set_title(f"guidance w = {w:g}", fontsize=9)
+        ax.set_xlabel("NFE (counted)", fontsize=8)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="outside lower center",
+        ncol=min(4, max(1, len(handles))),
+        fontsize=7,
+        title=_LINE_STYLES,
+        title_fontsize=7,
+    )
+    return fig
+
+
 def plot_vs_nfe(
     rows: Sequence[Any],
     path: Path,
@@ -52,43 +155,17 @@ def plot_vs_nfe(
     ylabel: str = "endpoint RMSE vs reference",
     title: str = "",
     max_lines: int = 14,
-) -> None:
+) -> int:
     """Log-log ``field`` against NFE, one line per solver and grid; peers dashed. With more
-    than ``max_lines`` lines, each solver keeps only its best grid."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    lines = _series(rows)
-    if len(lines) > max_lines:
-        lines = _best_grid_per_solver(lines, field)
-        title = (title + "; " if title else "") + "best grid per solver"
-    for (solver, spacing, peer), rs in sorted(lines.items()):
-        pts = sorted(
-            (r.nfe, getattr(r, field))
-            for r in rs
-            if getattr(r, field) is not None and getattr(r, field) > 0
-        )
-        if not pts:
-            continue
-        label = f"{solver} (diffusers)" if peer else f"{solver} [{spacing}]"
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            ("--" if peer else "-") + "o",
-            ms=3.5,
-            lw=1.4,
-            label=label,
-            alpha=0.9 if not peer else 0.7,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (network evaluations, counted)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    than ``max_lines`` lines, each solver keeps only its best grid. Rows with a guidance
+    scale get one panel per scale (:func:`figure_vs_nfe`). Returns the number of panels."""
+    fig = figure_vs_nfe(rows, field=field, ylabel=ylabel, title=title, max_lines=max_lines)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return len(fig.axes)
+    finally:
+        plt.close(fig)
 
 
 def plot_samples(

@@ -317,3 +317,159 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
         help="run the network in this dtype; the ODE state stays float32",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+
+
+# ---------------------------------------------------------------- labels and guidance
+def label_spec(text: str) -> list[int] | str:
+    """An argparse type for ``--label``: one class (``3``), a range (``0-9``), a list
+    (``1,4,7``; ranges allowed inside), or ``true`` (the data's own labels, for commands
+    that read data). Classes are checked against the model when it is loaded."""
+    text = text.strip()
+    if text.lower() == "true":
+        return "true"
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            lo, dash, hi = part.partition("-")
+            if dash and lo:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a class (3), a range (0-9), a list (1,4,7) or 'true', got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no label given in {text!r}")
+    return out
+
+
+def guidance_value(text: str) -> float:
+    """An argparse type: one guidance scale ``w >= 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def guidance_list(text: str) -> list[float]:
+    """An argparse type: comma-separated guidance scales, each ``>= 0``."""
+    values = [guidance_value(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no guidance scale given in {text!r}")
+    return values
+
+
+def sigma_interval(text: str) -> tuple[float, float]:
+    """An argparse type for ``--guidance-interval lo,hi`` (sigmas, ``0 <= lo < hi``;
+    ``inf`` allowed for ``hi``)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two sigmas lo,hi (e.g. 0.3,5), got {text!r}"
+        ) from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= lo < hi, got {text!r}")
+    return lo, hi
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def add_guidance_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """``--label``, ``--guidance`` (a list with ``sweep``), ``--guidance-interval`` and
+    ``--guidance-rescale`` for class-conditional models (``digits-cond``)."""
+    p.add_argument(
+        "--label",
+        type=label_spec,
+        default=None,
+        help="class labels of a class-conditional model: 3, 0-9 (sample i gets the "
+        "i-th, cycling), 1,4,7, or true (the data's own labels)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=guidance_list if sweep else guidance_value,
+        default=None,
+        metavar="W,W,..." if sweep else "W",
+        help="classifier-free guidance scale"
+        + ("s, swept as an axis" if sweep else "")
+        + " (1: the conditional model; default 1 when --label is given)",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=sigma_interval,
+        default=None,
+        metavar="LO,HI",
+        help="guide only for LO < sigma <= HI (Kynkaanniemi et al. 2024)",
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=unit_interval,
+        default=0.0,
+        metavar="PHI",
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; default 0: off)",
+    )
+
+
+def check_guidance_args(args: argparse.Namespace, bundle: Any) -> None:
+    """A one-line :class:`UsageError` when guidance options are given without a label,
+    or labels to an unconditional model."""
+    guided = (
+        args.guidance is not None
+        or args.guidance_interval is not None
+        or args.guidance_rescale != 0.0
+    )
+    if args.label is None:
+        if guided:
+            raise UsageError(
+                "argument --guidance: classifier-free guidance needs --label (the class to "
+                "guide towards)"
+            )
+        return
+    if getattr(bundle, "num_classes", None) is None:
+        raise UsageError(
+            f"argument --label: model {bundle.name!r} is unconditional and takes no labels "
+            "(class-conditional bundled models: digits-cond)"
+        )
+    if args.label != "true":
+        bad = [v for v in args.label if not 0 <= v < bundle.num_classes]
+        if bad:
+            raise UsageError(
+                f"argument --label: unknown label {bad[0]} for model {bundle.name!r}; its "
+                f"classes are 0-{bundle.num_classes - 1}"
+            )
+
+
+def labels_for(
+    spec: list[int] | str, indices: Any, data_labels: Any = None, flag: str = "--label"
+) -> Any:
+    """The labels of samples ``indices`` (an int64 tensor): sample ``i`` gets
+    ``spec[i % len(spec)]``, or its own data label for ``true``."""
+    import torch
+
+    if spec == "true":
+        if data_labels is None:
+            raise UsageError(
+                f"argument {flag}: 'true' means the data's own labels, and this command "
+                "reads no labelled data; give classes (3, 0-9, 1,4,7)"
+            )
+        return torch.as_tensor(data_labels)[indices]
+    table = torch.tensor(spec, dtype=torch.int64)
+    return table[torch.as_tensor(indices) % len(table)]

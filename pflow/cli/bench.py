@@ -1,4 +1,8 @@
-"""``pflow bench``: sweep solvers x grids x steps on one model; error against NFE."""
+"""``pflow bench``: sweep solvers x grids x steps on one model; error against NFE.
+
+With ``--guidance W,W,...`` on a class-conditional model (``digits-cond``) the guidance
+scale is one more axis: every solver and peer runs at every scale, each scale judged
+against its own float64 reference (see :mod:`pflow.bench`)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,16 @@ import argparse
 import time
 
 from ..grids import SPACINGS
-from .args import add_scale_args, float_list, int_list, label_list, name_list, solver_label
+from .args import (
+    UsageError,
+    add_guidance_args,
+    add_scale_args,
+    float_list,
+    int_list,
+    label_list,
+    name_list,
+    solver_label,
+)
 
 __all__ = ["add_parsers"]
 
@@ -81,6 +94,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scale_args(b)
+    add_guidance_args(b, sweep=True)
+    # What the bench does with them (the shared help speaks of commands that read data).
+    helps = {
+        "label": "classes of a class-conditional model, cycled over the samples (sample i "
+        "gets the (i mod n)-th): 3, 0-9, 1,4,7; default with --guidance: every class in "
+        "turn (0-9 for digits-cond); alone it means --guidance 1",
+        "guidance": "classifier-free guidance scales swept as an axis, e.g. 1,2,4,8 "
+        "(class-conditional models only; 1 is the conditional model): every solver and "
+        "peer runs at each scale against that scale's own float64 reference; labels "
+        "default to every class in turn (see --label)",
+    }
+    for action in b._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
 
 
 def _peers(text: str) -> list[str]:
@@ -95,6 +122,27 @@ def _peers(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _guidance(args: argparse.Namespace) -> list[float]:
+    """The guidance scales to sweep: ``--guidance``, or 1 when only ``--label`` is given;
+    a one-line usage error for guidance options without scales, or ``--label true``."""
+    if args.label == "true":
+        raise UsageError(
+            "argument --label: 'true' means the data's own labels, and pflow bench reads no "
+            "labelled data; give classes (3, 0-9, 1,4,7)"
+        )
+    if args.guidance is not None:
+        return list(args.guidance)
+    if args.label is not None:
+        return [1.0]
+    for flag, given in (
+        ("--guidance-interval", args.guidance_interval is not None),
+        ("--guidance-rescale", args.guidance_rescale != 0.0),
+    ):
+        if given:
+            raise UsageError(f"argument {flag}: needs --guidance (the scales to sweep)")
+    return []
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig, check_label, format_table, run_bench
     from ..distributed import init
@@ -102,6 +150,7 @@ def _bench(args: argparse.Namespace) -> int:
     # Every label is checked (name, options, values) before a model is loaded.
     for label in args.solvers:
         check_label(*solver_label(label, "--solvers"), label)
+    guidance = _guidance(args)
     config = BenchConfig(
         model=args.model,
         solvers=args.solvers,
@@ -121,6 +170,10 @@ def _bench(args: argparse.Namespace) -> int:
         device=args.device,
         net_dtype=args.net_dtype,
         compile=args.compile,
+        guidance=guidance,
+        labels=args.label,
+        guidance_interval=args.guidance_interval,
+        guidance_rescale=args.guidance_rescale,
     )
     t0 = time.perf_counter()
     world = init(args.device)
@@ -133,6 +186,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(
         f"\n{len(rows)} rows, {args.samples} samples, seed {args.seed}, "
+        + (f"guidance {','.join(f'{w:g}' for w in guidance)}, " if guidance else "")
         + (f"{world.size} ranks, " if world.size > 1 else "")
         + f"{time.perf_counter() - t0:.1f}s"
         + (f"; written to {args.out}" if args.out else "")

@@ -25,6 +25,7 @@ __all__ = [
     "WeightsDigestError",
     "file_sha256",
     "load_digits_classifier",
+    "load_digits_cond_unet",
     "load_digits_unet",
     "load_moons_mlp",
     "read_metadata",
@@ -117,6 +118,12 @@ def load_digits_unet(weights_dir: str | Path | None = None) -> DigitsUNet:
     """The epsilon-prediction UNet for 1x8x8 digits (EMA weights); ``weights_dir``: a
     folder holding ``digits_unet.safetensors`` and its card (the bundled one by default)."""
     return _load(DigitsUNet, "digits_unet.safetensors", weights_dir)
+
+
+def load_digits_cond_unet(weights_dir: str | Path | None = None) -> DigitsUNet:
+    """The class-conditional UNet for 1x8x8 digits (labels 0-9, null label 10; EMA
+    weights)."""
+    return _load(DigitsUNet, "digits_cond_unet.safetensors", weights_dir)
 
 
 def load_moons_mlp(weights_dir: str | Path | None = None) -> MoonsMLP:

@@ -33,6 +33,11 @@ class BundledModel:
             (undefined below the schedule's ``sigma_min``), ``"solver"`` for exact models.
         exact: the exact data distribution, when known.
         ref_tol: rtol = atol of the float64 reference solve the benchmark measures against.
+        num_classes: for a class-conditional model, the number of classes: ``model`` is
+            then the unconditioned :class:`~pflow.EpsModel` (its network called without
+            labels is the unconditional model) and :meth:`conditioned` binds labels and
+            guidance.
+        label_key: the network's keyword for the labels.
     """
 
     name: str
@@ -42,6 +47,67 @@ class BundledModel:
     last_step: str = "euler"
     exact: GaussianMixture | None = field(default=None, repr=False)
     ref_tol: float = 1e-9
+    num_classes: int | None = None
+    label_key: str = "class_labels"
+
+    @property
+    def null_label(self) -> int:
+        """The label that means "no class" (trained by label dropout): ``num_classes``."""
+        if self.num_classes is None:
+            raise ValueError(f"model {self.name!r} is not class-conditional")
+        return self.num_classes
+
+    def check_labels(self, labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
+        """``labels`` as int64, each a class in ``[0, num_classes)``; a ValueError naming
+        ``name`` otherwise (or for an unconditional model)."""
+        if self.num_classes is None:
+            raise ValueError(
+                f"{name}: model {self.name!r} is unconditional and takes no labels "
+                "(class-conditional bundled models: digits-cond)"
+            )
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{name} must be integer class labels, got dtype {labels.dtype}")
+        labels = labels.to(torch.int64).reshape(-1)
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name}: unknown label {int(labels[bad][0])} for model {self.name!r}; its "
+                f"classes are 0-{self.num_classes - 1}"
+            )
+        return labels
+
+    def conditioned(
+        self,
+        labels: torch.Tensor,
+        guidance: float = 1.0,
+        *,
+        interval: tuple[float, float] | None = None,
+        rescale: float = 0.0,
+        batched: bool = True,
+    ) -> ODEModel:
+        """The model given ``labels`` (one per sample, or one for all) under
+        classifier-free guidance ``guidance`` (1: the conditional model itself, no
+        unconditional call), with an optional sigma ``interval`` and ``rescale`` (see
+        :func:`pflow.guide`)."""
+        from ..guidance import guide
+
+        labels = self.check_labels(labels)
+        model = self.model
+        if not isinstance(model, EpsModel):
+            raise TypeError(f"model {self.name!r}: labels need an EpsModel")
+        cond = model.condition(**{self.label_key: labels})
+        if guidance == 1.0 and interval is None and rescale == 0.0:
+            return cond
+        null = torch.tensor([self.null_label])
+        return guide(
+            cond,
+            guidance,
+            {self.label_key: null},
+            interval=interval,
+            rescale=rescale,
+            batched=batched,
+        )
 
 
 def builtin_gmm() -> BundledModel:
@@ -74,6 +140,22 @@ def bundled_digits() -> BundledModel:
     )
 
 
+def bundled_digits_cond() -> BundledModel:
+    """The class-conditional 8x8 digits UNet (labels 0-9, null label 10, trained with 10%
+    label dropout for classifier-free guidance; eps, linear betas)."""
+    from .networks_load import load_digits_cond_unet
+
+    model = EpsModel(load_digits_cond_unet(), NoiseSchedule.linear(), "epsilon")
+    return BundledModel(
+        "digits-cond",
+        model,
+        (1, 8, 8),
+        "8x8 class-conditional digits UNet (eps, linear betas, CFG)",
+        ref_tol=1e-7,
+        num_classes=10,
+    )
+
+
 def bundled_moons() -> BundledModel:
     """The bundled two-moons MLP (eps-prediction, linear betas), for 2-D trajectory plots."""
     from .networks_load import load_moons_mlp
@@ -84,6 +166,7 @@ def bundled_moons() -> BundledModel:
 
 _FACTORIES: dict[str, Callable[[], BundledModel]] = {
     "digits": bundled_digits,
+    "digits-cond": bundled_digits_cond,
     "gmm": builtin_gmm,
     "moons": bundled_moons,
 }
