@@ -2,14 +2,22 @@
 
 A grid is a 1-D float64 tensor, strictly monotone. A sampling grid decreases from its
 start (usually ``sigma_max``) to its end: ``0`` by default, which is diffusers'
-``set_alpha_to_one=True`` (the last DDIM step returns ``x0_hat``), or the first training
-step's sigma with ``set_alpha_to_one=False``.
+``set_alpha_to_one=True`` (the last DDIM step returns ``x0_hat``), or the schedule's
+``sigma_min`` (for a table, the first training step's sigma) with
+``set_alpha_to_one=False``.
 
 Spacings that select training timesteps (``leading``, ``trailing``, ``linspace``) pick
 exactly the timesteps that diffusers' ``DDIMScheduler.set_timesteps`` picks; ``uniform``
 and ``quadratic`` are the DDIM paper's (section 4.2 and appendix D.2); ``karras`` is EDM's
 (arXiv 2206.00364, eq. 5); ``logsnr`` is uniform in ``log sigma`` (half the log-SNR),
 the grid DPM-Solver uses.
+
+A continuous schedule (:class:`~pflow.schedule.ContinuousVPSchedule`,
+:class:`~pflow.schedule.SigmaRange`, :class:`~pflow.schedule.FlowSchedule`) has no table:
+its grids need only ``sigma_min`` and ``sigma_max``. It takes ``karras``, ``logsnr`` and
+``uniform``, which there is evenly spaced in the schedule's own time (``t`` of the VP SDE,
+sigma itself for an EDM denoiser, flow matching's ``t`` through SD3's ``shift``); the
+table spacings are an error that names the ones it takes.
 """
 
 from __future__ import annotations
@@ -23,11 +31,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule
+from .schedule import ContinuousSchedule, FlowSchedule, NoiseSchedule, Schedule, check_shift
 
-__all__ = ["SPACINGS", "check_grid_options", "get_sigmas", "validate_sigmas"]
+__all__ = [
+    "CONTINUOUS_SPACINGS",
+    "SPACINGS",
+    "TABLE_SPACINGS",
+    "check_grid_options",
+    "get_sigmas",
+    "validate_sigmas",
+]
 
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
+#: Spacings that select entries of a discrete schedule's table of training steps.
+TABLE_SPACINGS = ("leading", "trailing", "linspace", "quadratic")
+#: Spacings a continuous schedule takes (``uniform``: evenly spaced in its own time).
+CONTINUOUS_SPACINGS = ("uniform", "karras", "logsnr")
 
 # Relative slack when checking a grid against the schedule's range: a sigma that went
 # through float32 (a user's grid tensor) may differ in its last bits. Entries within the
@@ -90,7 +109,7 @@ def _timesteps(spacing: str, n_train: int, steps: int, steps_offset: int) -> np.
 
 
 def get_sigmas(
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     steps: int,
     spacing: str = "trailing",
     *,
@@ -99,28 +118,39 @@ def get_sigmas(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
+    shift: float | None = None,
 ) -> Tensor:
     """A grid of ``steps + 1`` decreasing sigmas for a sampler taking ``steps`` steps.
 
     Args:
-        schedule: the noise schedule the network was trained with.
+        schedule: the noise schedule the network was trained with: a
+            :class:`~pflow.NoiseSchedule` (a table) or a continuous one
+            (:class:`~pflow.ContinuousVPSchedule`, :class:`~pflow.SigmaRange`,
+            :class:`~pflow.FlowSchedule`).
         steps: number of solver steps (intervals), at least 1.
         spacing: one of ``leading``, ``trailing``, ``linspace`` (diffusers' DDIM choices),
-            ``uniform``, ``quadratic`` (DDIM paper), ``karras`` (EDM), ``logsnr``.
+            ``uniform``, ``quadratic`` (DDIM paper), ``karras`` (EDM), ``logsnr``. A
+            continuous schedule takes ``uniform`` (evenly spaced in its own time),
+            ``karras`` and ``logsnr`` only.
         steps_offset: added to every timestep of ``leading`` (diffusers' ``steps_offset``),
             a non-negative integer.
         set_alpha_to_one: end the grid at ``sigma = 0`` (``a = 1``) when true, else at the
-            first training step's sigma. A final step of zero length is dropped, so the grid
-            may then have one entry fewer than ``steps + 1``.
+            schedule's ``sigma_min`` (a table's first training step). A final step of zero
+            length is dropped, so the grid may then have one entry fewer than ``steps + 1``.
         sigma_min, sigma_max: range of ``karras`` and ``logsnr`` grids; the schedule's by
             default.
         rho: EDM's exponent for ``karras`` (7 in the paper), a number > 0.
+        shift: SD3's timestep shift for the ``uniform`` grid of a
+            :class:`~pflow.FlowSchedule` (the schedule's own ``shift`` by default), a
+            number > 0.
 
     Returns:
         float64 tensor of sigmas, strictly decreasing.
 
     Raises:
-        TypeError, ValueError: an argument of the wrong type or value, named.
+        TypeError, ValueError: an argument of the wrong type or value, named; a table
+            spacing on a continuous schedule; ``shift`` with anything but a
+            :class:`~pflow.FlowSchedule`'s ``uniform`` grid.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -128,15 +158,46 @@ def get_sigmas(
     steps_offset, rho = check_grid_options(steps_offset=steps_offset, rho=rho)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
-    n_train = schedule.num_train_timesteps
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            "schedule must be a pflow schedule (NoiseSchedule, ContinuousVPSchedule, "
+            f"SigmaRange or FlowSchedule), got {type(schedule).__name__}"
+        )
+    if shift is not None:
+        shift = check_shift(shift)
+        if not (isinstance(schedule, FlowSchedule) and spacing == "uniform"):
+            raise ValueError(
+                "shift is flow matching's timestep shift: it applies to spacing='uniform' on "
+                f"a FlowSchedule only, got shift={shift!r} with spacing={spacing!r} on "
+                f"{type(schedule).__name__}"
+            )
+    # Ending at 0 spends one step on the final denoising hop, so the positive part
+    # has `steps` points; ending at sigma_min it has `steps + 1`.
+    n_points = steps if set_alpha_to_one else steps + 1
+    if not schedule.discrete:
+        if spacing not in CONTINUOUS_SPACINGS:
+            raise ValueError(
+                f"spacing={spacing!r} selects training steps from a table, but the schedule "
+                f"{type(schedule).__name__} is continuous (it has only sigma_min and "
+                f"sigma_max): use spacing='uniform', 'karras' or 'logsnr'"
+            )
+        if spacing == "uniform":
+            if sigma_min is not None or sigma_max is not None:
+                raise ValueError(
+                    "sigma_min and sigma_max set the range of karras and logsnr grids; a "
+                    "uniform grid spans the schedule's own range (build the schedule with "
+                    "the range you want)"
+                )
+            assert isinstance(schedule, ContinuousSchedule)
+            sig = schedule.uniform_sigmas(n_points, shift)
+            return _finish(sig, schedule, set_alpha_to_one)
     if spacing in ("karras", "logsnr"):
         lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
         hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
-        if not 0 < lo < hi:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo}, sigma_max={hi}")
-        # Ending at 0 spends one step on the final denoising hop, so the positive part
-        # has `steps` points; ending at sigma_min it has `steps + 1`.
-        n_points = steps if set_alpha_to_one else steps + 1
+        if not 0 < lo < hi < math.inf:
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max < inf, got sigma_min={lo}, sigma_max={hi}"
+            )
         ramp = np.linspace(0.0, 1.0, n_points)
         if spacing == "karras":
             sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
@@ -145,13 +206,23 @@ def get_sigmas(
         if n_points == 1:
             sig = np.array([hi])
     else:
+        assert isinstance(schedule, NoiseSchedule)
+        n_train = schedule.num_train_timesteps
         if steps > n_train:
             raise ValueError(f"steps must be <= num_train_timesteps ({n_train}), got {steps}")
         ts = _timesteps(spacing, n_train, steps, steps_offset)
         sig = schedule.sigmas.numpy()[ts]
+    return _finish(sig, schedule, set_alpha_to_one)
+
+
+def _finish(sig: np.ndarray, schedule: Schedule, set_alpha_to_one: bool) -> Tensor:
+    """The positive part ``sig`` with its end appended (0, or ``sigma_min``), checked."""
     end = 0.0 if set_alpha_to_one else schedule.sigma_min
-    if sig[-1] > end:
+    if sig[-1] > end * (1 + 1e-12):
         sig = np.append(sig, end)
+    else:  # a ramp that ends at sigma_min, up to the round-off of its formula
+        sig = sig.copy()
+        sig[-1] = end
     grid = torch.as_tensor(sig, dtype=torch.float64)
     return validate_sigmas(grid, schedule=schedule, name="sigmas")
 
@@ -159,7 +230,7 @@ def get_sigmas(
 def validate_sigmas(
     sigmas: Tensor | Sequence[float] | np.ndarray,
     *,
-    schedule: NoiseSchedule | None = None,
+    schedule: Schedule | None = None,
     name: str = "sigmas",
 ) -> Tensor:
     """Check a user grid and return it as a 1-D float64 CPU tensor.

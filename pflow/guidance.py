@@ -104,7 +104,7 @@ class Guided:
     keywords.
     """
 
-    _identity_skip = ("_rows", "_same_net")  # derived (pflow.identity)
+    _identity_skip = ("_rows", "_same_net", "_eps_native")  # derived (pflow.identity)
 
     def __init__(
         self,
@@ -148,6 +148,13 @@ class Guided:
             and conditional.net_dtype == unconditional.net_dtype
             and conditional.t_dtype == unconditional.t_dtype
         )
+        # Both predict eps: x0_hat is formed from the guided eps, as for an unguided eps
+        # network, instead of combining the two x0_hat (which multiplies their float32
+        # rounding by w). Other predictions combine their well-conditioned x0_hat.
+        self._eps_native = all(
+            isinstance(m, EpsModel) and m.prediction == "epsilon"
+            for m in (conditional, unconditional)
+        )
         if self.batched and self._same_net:
             # Fails now (naming the keywords) rather than at the first call.
             concat_cond(unconditional.cond, conditional.cond, 1, 1)  # type: ignore[union-attr]
@@ -164,6 +171,14 @@ class Guided:
     @property
     def cond_rows(self) -> int | None:
         return self._rows
+
+    @property
+    def breakpoints(self) -> tuple[float, ...]:
+        """Sigmas where the field jumps: the guidance interval's ends. Adaptive solves pass
+        through them (:func:`pflow.solve.run`), so no step straddles a jump."""
+        if self.interval is None or self.scale == 1.0:
+            return ()
+        return tuple(v for v in self.interval if 0 < v < math.inf)
 
     def _replace(self, conditional: ODEModel, unconditional: ODEModel) -> Guided:
         return Guided(
@@ -316,18 +331,20 @@ class Guided:
         w: float,
     ) -> tuple[Tensor, Tensor]:
         eps = eps_u + w * (eps_c - eps_u)
-        x0 = x0_u + w * (x0_c - x0_u)
+        guided = eps
         if self.rescale:
             factor = _spread(eps_c) / _spread(eps)  # std(eps_c) / std(eps_w), per sample
-            mix = self.rescale * factor + (1.0 - self.rescale)
-            new = eps * mix
-            # x0_hat = sqrt(1 + sigma^2) x_t - sigma eps moves by -sigma * (new - eps).
+            eps = eps * (self.rescale * factor + (1.0 - self.rescale))
+        if self._eps_native:
+            return eps, _x0(x_t, sigma, eps, None)
+        x0 = x0_u + w * (x0_c - x0_u)
+        if self.rescale:
+            # x0_hat = sqrt(1 + sigma^2) x_t - sigma eps moves by -sigma * (eps - guided).
             if isinstance(sigma, Tensor):
                 s = sigma_column(sigma, x_t).to(x_t.dtype)
             else:
                 s = float(sigma)  # type: ignore[assignment]
-            x0 = x0 - s * (new - eps)
-            eps = new
+            x0 = x0 - s * (eps - guided)
         return eps, x0
 
     def eps_from_xt(self, x_t: Tensor, sigma: float | Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .grids import check_grid_options, get_sigmas, validate_sigmas
 from .model import ODEModel
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 from .solvers import PFODE, Solver, available_solvers, get_solver, parse_solver, resolve_options
 from .solvers.driver import integrate
 
@@ -63,9 +63,11 @@ class SolveResult:
     rows: int = 0
 
 
-def _schedule_of(model: ODEModel) -> NoiseSchedule | None:
+def _schedule_of(model: ODEModel) -> Schedule | None:
+    """The model's schedule (a table or a continuous one: grids need only its sigma range,
+    and its table for the table spacings), or ``None``."""
     schedule = getattr(model, "schedule", None)
-    return schedule if isinstance(schedule, NoiseSchedule) else None
+    return schedule if isinstance(schedule, Schedule) else None
 
 
 def _check_state(name: str, x: Any) -> Tensor:
@@ -163,7 +165,9 @@ def _grid(
             raise ValueError(f"sigmas must decrease for {caller}(); an increasing grid encodes")
         return grid
     if schedule is None:
-        raise ValueError("the model has no NoiseSchedule (model.schedule); pass sigmas=")
+        raise ValueError(
+            "the model has no NoiseSchedule or other pflow schedule (model.schedule); pass sigmas="
+        )
     options = grid_options
     if solver.adaptive:
         if steps is not None:
@@ -178,6 +182,23 @@ def _grid(
             raise ValueError("steps is required for a fixed-step solver (or pass sigmas=)")
         grid = get_sigmas(schedule, steps, spacing, **options)
     return grid.flip(0) if direction == "up" else grid
+
+
+def _with_breakpoints(grid: Tensor, model: ODEModel) -> Tensor:
+    """The default grid of an adaptive solve with the sigmas where the model's field jumps
+    (``model.breakpoints``, e.g. the ends of a guidance interval) added as points to pass
+    through: a step then never straddles a jump, so whether it is accepted does not hinge
+    on round-off (which side of the jump a stage lands on)."""
+    points = getattr(model, "breakpoints", None)
+    if not points:
+        return grid
+    positive = [v for v in grid.tolist() if v > 0]
+    lo, hi = min(positive), max(positive)  # never between sigma_min and the step into 0
+    inner = [float(p) for p in points if lo < float(p) < hi and float(p) not in positive]
+    if not inner:
+        return grid
+    merged = torch.tensor(sorted({*grid.tolist(), *inner}), dtype=grid.dtype)
+    return merged if grid[-1] > grid[0] else merged.flip(0)
 
 
 def _check_capabilities(
@@ -269,6 +290,8 @@ def run(
         grid_options["rho"] = rho
     differentiable = isinstance(sigmas, Tensor) and sigmas.requires_grad
     grid = _grid(model, spec, direction, steps, spacing, sigmas, grid_options, caller)
+    if spec.adaptive and sigmas is None:
+        grid = _with_breakpoints(grid, model)
     _check_capabilities(spec, label, direction, last_step, grid, caller)
     points: list[Any] = grid.tolist()
     if differentiable:

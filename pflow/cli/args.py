@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -473,3 +474,148 @@ def labels_for(
         return torch.as_tensor(data_labels)[indices]
     table = torch.tensor(spec, dtype=torch.int64)
     return table[torch.as_tensor(indices) % len(table)]
+
+
+# ---------------------------------------------------------------- conditioned models
+@dataclass(frozen=True)
+class Conditioning:
+    """The labels and classifier-free guidance a command runs a class-conditional model
+    with: from ``--label``, ``--guidance``, ``--guidance-interval`` and
+    ``--guidance-rescale`` (:meth:`from_args`), or from a latent file's record.
+
+    ``spec`` is :func:`label_spec`'s value (``None``: no labels, the model as it is).
+    """
+
+    spec: list[int] | str | None = None
+    scale: float = 1.0
+    interval: tuple[float, float] | None = None
+    rescale: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Conditioning:
+        """The options of ``args`` (those of :func:`add_guidance_args`, one scale)."""
+        return cls(
+            args.label,
+            1.0 if args.guidance is None else float(args.guidance),
+            None if args.guidance_interval is None else tuple(args.guidance_interval),  # type: ignore[arg-type]
+            float(args.guidance_rescale or 0.0),
+        )
+
+    @property
+    def conditional(self) -> bool:
+        """Whether labels are given (else the model runs as it is)."""
+        return self.spec is not None
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance changes the conditional model."""
+        return self.scale != 1.0 or self.interval is not None or self.rescale != 0.0
+
+    def labels(self, indices: Any, data_labels: Any = None) -> Any:
+        """The labels of samples ``indices`` (:func:`labels_for`); ``None`` without labels."""
+        if self.spec is None:
+            return None
+        return labels_for(self.spec, indices, data_labels)
+
+    def model(self, bundle: Any, model: Any, labels: Any) -> Any:
+        """``model`` (``bundle.model`` as prepared: moved, cast or compiled) given
+        ``labels`` (one per sample) under this guidance; ``model`` itself without labels.
+
+        What :meth:`pflow.zoo.registry.BundledModel.conditioned` builds, with the labels
+        and the null label on the network's device: the conditioned model when guidance
+        changes nothing, else :func:`pflow.guide` of it."""
+        if labels is None:
+            return model
+        import torch
+
+        from ..guidance import guide
+
+        labels = bundle.check_labels(labels, "argument --label").to(_net_device(model))
+        cond = model.condition(**{bundle.label_key: labels})
+        if not self.guided:
+            return cond
+        null = torch.full((1,), bundle.null_label, dtype=torch.int64, device=labels.device)
+        return guide(
+            cond,
+            self.scale,
+            {bundle.label_key: null},
+            interval=self.interval,
+            rescale=self.rescale,
+        )
+
+    def describe(self) -> str:
+        """``"labels 0-9, guidance 4 for sigma in (0.3, 5], rescale 0.7"``, ``"the data's own
+        labels, guidance 1"``; ``"no labels"``."""
+        if self.spec is None:
+            return "no labels"
+        own = self.spec == "true"
+        text = "the data's own labels" if own else f"labels {spec_text(self.spec)}"
+        text += f", guidance {self.scale:g}"
+        if self.interval is not None:
+            text += f" for sigma in ({self.interval[0]:g}, {self.interval[1]:g}]"
+        if self.rescale:
+            text += f", rescale {self.rescale:g}"
+        return text
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for a JSON or latent record (``label`` as written by
+        :func:`spec_text`)."""
+        return {
+            "label": None if self.spec is None else spec_text(self.spec),
+            "guidance": self.scale if self.spec is not None else None,
+            "guidance_interval": None if self.interval is None else list(self.interval),
+            "guidance_rescale": self.rescale,
+        }
+
+
+def _net_device(model: Any) -> Any:
+    """The device of ``model``'s network parameters (the CPU when it has none)."""
+    import torch
+
+    net = getattr(model, "eager_net", getattr(model, "net", None))
+    if isinstance(net, torch.nn.Module):
+        first = next(iter(net.parameters()), None)
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
+
+
+def spec_text(spec: list[int] | str) -> str:
+    """A :func:`label_spec` value written back compactly: ``[0, 1, ..., 9]`` -> ``"0-9"``,
+    ``[1, 4, 7]`` -> ``"1,4,7"``, ``"true"`` -> ``"true"``."""
+    if isinstance(spec, str):
+        return spec
+    parts: list[str] = []
+    i = 0
+    while i < len(spec):
+        j = i
+        while j + 1 < len(spec) and spec[j + 1] == spec[j] + 1:
+            j += 1
+        parts.append(f"{spec[i]}-{spec[j]}" if j > i + 1 else ",".join(map(str, spec[i : j + 1])))
+        i = j + 1
+    return ",".join(parts)
+
+
+def check_conditioning(
+    args: argparse.Namespace, bundle: Any, *, data_labels: bool = False
+) -> Conditioning:
+    """The :class:`Conditioning` of ``args``, checked against the loaded ``bundle``
+    (:func:`check_guidance_args`), with one-line :class:`UsageError` for ``--label true``
+    in a command that reads no labelled data (``data_labels`` False) and for a
+    ``--guidance-interval`` that lies outside the model's sigma range."""
+    check_guidance_args(args, bundle)
+    cond = Conditioning.from_args(args)
+    if cond.spec == "true" and not data_labels:
+        labels_for("true", [], None)  # raises its one-line error
+    if cond.interval is not None:
+        schedule = getattr(bundle.model, "schedule", None)
+        if schedule is not None:
+            lo, hi = cond.interval
+            s_min, s_max = float(schedule.sigma_min), float(schedule.sigma_max)
+            if hi < s_min or lo >= s_max:
+                raise UsageError(
+                    f"argument --guidance-interval: ({lo:g}, {hi:g}) lies outside the sigma "
+                    f"range [{s_min:.4g}, {s_max:.4g}] of model {bundle.name!r}; guidance "
+                    "would never apply"
+                )
+    return cond

@@ -12,14 +12,18 @@ Latent files:
   ``companion`` of a reversible solver (``alf``) when there is one, and what it was
   encoded with: ``solver`` (the label as given), ``steps``, ``spacing``, ``rtol``,
   ``atol``, ``set_alpha_to_one``, the grid walked (``sigmas``, float64), ``dtype``,
-  ``model`` (its name) and ``model_identity`` (:func:`pflow.identity.model_identity`),
-  ``nfe``, and the sha256 of the latent and of the companion (``latent_sha256``,
-  ``companion_sha256``, over dtype, shape and bytes). ``decode`` takes every setting not
-  given on its command line from it (the model too), so the round trip walks the same
-  grid back. It uses the companion only when both hashes, the companion's shape, the
-  model's identity, the solver, the grid and the dtype all match, and says "exactly"
-  only then; a companion that does not match is refused with one line naming the file
-  (``--no-companion`` decodes without it).
+  ``model`` (its name) and ``model_identity`` (:func:`pflow.identity.model_identity`, of
+  the model as run: labels and guidance included), ``nfe``, the labels and guidance of a
+  class-conditional model (``labels``: int64, one per sample, or ``None``; ``label`` as
+  given, ``guidance``, ``guidance_interval``, ``guidance_rescale``), and the sha256 of the
+  latent and of the companion (``latent_sha256``, ``companion_sha256``, over dtype, shape
+  and bytes). ``decode`` takes every setting not given on its command line from it (the
+  model, labels and guidance too), so the round trip walks the same grid back; labels or
+  guidance given that differ from the latent's are refused, naming the latent's. It uses
+  the companion only when both hashes, the companion's shape, the model's identity, the
+  solver, the grid and the dtype all match, and says "exactly" only then; a companion
+  that does not match is refused with one line naming the file (``--no-companion``
+  decodes without it).
 * ``.npy``: the latent alone (no settings, no companion: an ``alf`` latent written to
   ``.npy`` decodes as an ordinary second-order sample, not exactly; ``encode`` says so).
   ``decode`` ignores a ``<name>.companion.npy`` written next to it by older versions.
@@ -27,6 +31,9 @@ Latent files:
 ``roundtrip`` encodes and decodes held-out data (the digits test split, or exact samples
 of the Gaussian mixture) with each solver and step count, and prints and plots the
 round-trip RMSE and PSNR against NFE.
+
+All three take ``--label`` and the guidance options for a class-conditional model
+(``digits-cond``); ``roundtrip --label true`` gives each test digit its own label.
 
 Every ``--out`` is checked before the model loads; on SIGINT ``encode`` and ``decode``
 write nothing and ``roundtrip`` writes the rows it finished.
@@ -58,8 +65,11 @@ from ..solvers.reversible import companion_shape
 from ..zoo.registry import BundledModel, load_model
 from .args import (
     CommandError,
+    Conditioning,
     Interrupted,
     UsageError,
+    add_guidance_args,
+    check_conditioning,
     check_direction,
     check_input,
     check_out,
@@ -109,6 +119,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--model", required=True, help="bundled model name or module:factory")
     _add_solve_options(e, "a solver that runs up (default euler)", "float32")
+    add_guidance_args(e)
 
     d = sub.add_parser(
         "decode",
@@ -130,6 +141,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode without the latent's stored companion (alf: a second-order sample)",
     )
+    add_guidance_args(d)
+    # Not given: the latent's (None tells "not given" from an explicit 0).
+    d.set_defaults(guidance_rescale=None)
 
     r = sub.add_parser(
         "roundtrip",
@@ -163,6 +177,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(leading/trailing spacing, eps-prediction networks)",
     )
     r.add_argument("--out", default=None, help="folder for roundtrip.csv/.json/.png")
+    add_guidance_args(r)
 
 
 def _add_solve_options(p: argparse.ArgumentParser, what: str, dtype: str | None) -> None:
@@ -196,15 +211,25 @@ def _decode_partner(label: str) -> str:
 
 
 # ---------------------------------------------------------------- files
-def _bundle(name: str, dtype: torch.dtype) -> tuple[BundledModel, str]:
-    """The model of ``--model`` in ``dtype`` and its identity (hashed as loaded, before the
-    cast: the dtype is a setting of its own)."""
-    bundle = load_bundle(name, load_model)
-    identity = model_identity(bundle.model)
+def _model(
+    bundle: BundledModel, cond: Conditioning, labels: Tensor | None, dtype: torch.dtype
+) -> tuple[Any, str]:
+    """The model that runs (``bundle.model`` given ``labels`` under ``cond``'s guidance)
+    and its identity (hashed as loaded, before the network is cast to ``dtype``: the
+    dtype is a setting of its own; the labels and the guidance are part of it)."""
+    model = cond.model(bundle, bundle.model, labels)
+    identity = model_identity(model)
     net = getattr(bundle.model, "net", None)
     if isinstance(net, torch.nn.Module):
-        net.to(dtype)
-    return bundle, identity
+        net.to(dtype)  # in place: the conditioned copies share it
+    return model, identity
+
+
+def _rows_note(cond: Conditioning, res: Any, n: int) -> str:
+    """``" (18 network rows per sample)"`` for a conditioned model, else ``""``."""
+    if not cond.conditional:
+        return ""
+    return f" ({res.rows / n:.4g} network rows per sample)"
 
 
 def _batch(x: Tensor, shape: tuple[int, ...], what: str, bundle: BundledModel) -> Tensor:
@@ -361,7 +386,13 @@ def _read_latent(src: Path) -> _Latent:
 
 
 def _latent_record(
-    res: Any, bundle: BundledModel, identity: str, settings: dict[str, Any], dtype: str
+    res: Any,
+    bundle: BundledModel,
+    identity: str,
+    settings: dict[str, Any],
+    dtype: str,
+    cond: Conditioning,
+    labels: Tensor | None,
 ) -> dict[str, Any]:
     """The pflow latent ``.pt`` record (see the module docstring)."""
     z = res.x.detach().cpu().contiguous()
@@ -376,6 +407,9 @@ def _latent_record(
         "model": bundle.name,
         "model_identity": identity,
         "nfe": int(res.nfe),
+        # What a class-conditional model was given (labels: one per sample, or None).
+        "labels": None if labels is None else labels.detach().cpu().to(torch.int64),
+        **cond.record(),
     }
     if res.companion is not None:
         companion = res.companion.detach().cpu().contiguous()
@@ -391,14 +425,18 @@ def _encode_cmd(args: argparse.Namespace) -> int:
     out = check_out(args.out, "--out", suffixes=_LATENT_SUFFIXES)
     src = check_input(args.input, "argument input", _DATA_SUFFIXES)
     dtype = _DTYPES[args.dtype]
-    bundle, identity = _bundle(args.model, dtype)
-    x0 = _read_data(src, bundle).to(dtype)
+    bundle = load_bundle(args.model, load_model)
+    cond = check_conditioning(args, bundle)
+    x0 = _read_data(src, bundle)
+    labels = cond.labels(torch.arange(len(x0)))
+    model, identity = _model(bundle, cond, labels, dtype)
+    x0 = x0.to(dtype)
     t0 = time.perf_counter()
-    res = encode(bundle.model, x0, **_solve_kwargs(settings))
+    res = encode(model, x0, **_solve_kwargs(settings))
     seconds = time.perf_counter() - t0
     note = ""
     if out.suffix.lower() == ".pt":
-        record = _latent_record(res, bundle, identity, settings, args.dtype)
+        record = _latent_record(res, bundle, identity, settings, args.dtype, cond, labels)
         write_atomic(out, lambda p: torch.save(record, p))
         if res.companion is not None:
             note = " (with its companion: decode retraces it exactly)"
@@ -406,15 +444,18 @@ def _encode_cmd(args: argparse.Namespace) -> int:
         latent = res.x.detach().cpu().numpy()
         write_atomic(out, lambda p: np.save(p, latent))
         note = " (the latent alone"
+        if cond.conditional:
+            note += "; its labels and guidance are not stored: give them to decode"
         if res.companion is not None:
             note += (
                 f"; {settings['solver']}'s companion is not stored in a .npy, so decode will "
                 "not be exact: write a .pt to keep it"
             )
         note += ")"
+    given = f", {cond.describe()}" if cond.conditional else ""
     print(
-        f"encoded {len(x0)} sample(s) with {_describe(settings)}: NFE {res.nfe}, "
-        f"{seconds:.2f}s; latent written to {out}{note}"
+        f"encoded {len(x0)} sample(s) with {_describe(settings)}{given}: NFE {res.nfe}"
+        f"{_rows_note(cond, res, len(x0))}, {seconds:.2f}s; latent written to {out}{note}"
     )
     return 0
 
@@ -502,7 +543,11 @@ def _decode_cmd(args: argparse.Namespace) -> int:
     if src.suffix.lower() == ".npy" and stale.is_file():
         why_not += ("; " if why_not else "") + f"{stale.name} ignored (.npy latents are alone)"
     dtype = _DTYPES[dtype_name]
-    bundle, identity = _bundle(model_name, dtype)
+    bundle = load_bundle(model_name, load_model)
+    z = _batch(latent.z, bundle.shape, "latent", bundle)
+    cond, labels = _decode_conditioning(args, meta, bundle, len(z), src)
+    model, identity = _model(bundle, cond, labels, dtype)
+    z = z.to(dtype)
     stored_identity = meta.get("model_identity")
     other_model = isinstance(stored_identity, str) and stored_identity != identity
     if other_model and companion is not None:
@@ -511,14 +556,13 @@ def _decode_cmd(args: argparse.Namespace) -> int:
             f"{stored_identity[:12]}, but this one is {identity[:12]} (its weights or settings "
             "changed); re-encode, or pass --no-companion"
         )
-    z = _batch(latent.z, bundle.shape, "latent", bundle).to(dtype)
     if companion is not None and tuple(companion.shape) != companion_shape(z):
         raise UsageError(
             f"latent {src}: its companion has shape {tuple(companion.shape)}, expected "
             f"{companion_shape(z)}; re-encode, or pass --no-companion"
         )
     t0 = time.perf_counter()
-    res = decode(bundle.model, z, companion=companion, **_solve_kwargs(settings))
+    res = decode(model, z, companion=companion, **_solve_kwargs(settings))
     seconds = time.perf_counter() - t0
     if out.suffix.lower() == ".png":
         written = _write_png(out, res.x)
@@ -546,13 +590,93 @@ def _decode_cmd(args: argparse.Namespace) -> int:
         )
         if n
     )
+    given = f", {cond.describe()}" if cond.conditional else ""
     print(
-        f"decoded {len(z)} latent(s) with {_describe(settings)}{' ' + how if how else ''}: "
-        f"NFE {res.nfe}, {seconds:.2f}s; written to "
+        f"decoded {len(z)} latent(s) with {_describe(settings)}{given}"
+        f"{' ' + how if how else ''}: NFE {res.nfe}{_rows_note(cond, res, len(z))}, "
+        f"{seconds:.2f}s; written to "
         + (str(written[0]) if len(written) == 1 else f"{written[0]} ... {written[-1].name}")
         + (f" ({notes})" if notes else "")
     )
     return 0
+
+
+def _stored_conditioning(meta: dict[str, Any]) -> tuple[Conditioning, Tensor | None]:
+    """The labels and guidance a pflow latent record was encoded with (no labels: the
+    model as it is, which is also what a record written before labels existed means)."""
+    labels = meta.get("labels")
+    if not isinstance(labels, Tensor):
+        return Conditioning(), None
+    scale, interval, rescale = (
+        meta.get("guidance"),
+        meta.get("guidance_interval"),
+        meta.get("guidance_rescale"),
+    )
+    text = meta.get("label")
+    return (
+        Conditioning(
+            text if isinstance(text, str) else "(stored)",
+            1.0 if scale is None else float(scale),
+            None if interval is None else (float(interval[0]), float(interval[1])),
+            0.0 if rescale is None else float(rescale),
+        ),
+        labels.reshape(-1).to(torch.int64),
+    )
+
+
+def _decode_conditioning(
+    args: argparse.Namespace, meta: dict[str, Any], bundle: BundledModel, n: int, src: Path
+) -> tuple[Conditioning, Tensor | None]:
+    """The labels and guidance of a decode: the command line's, else the latent's.
+
+    A pflow ``.pt`` latent decodes only under the labels and guidance it was encoded
+    with (another conditioning is another model, whose flow does not invert this one's):
+    one given on the command line that differs is a :class:`UsageError` saying what the
+    latent was made with. A ``.npy`` latent stores none: the command line's apply."""
+    recorded = meta.get("format") == LATENT_FORMAT
+    stored, stored_labels = _stored_conditioning(meta) if recorded else (Conditioning(), None)
+    if stored_labels is not None and len(stored_labels) != n:
+        raise UsageError(
+            f"latent {src}: stores {len(stored_labels)} labels for {n} latents; re-encode"
+        )
+    spec = args.label
+    if spec is None and stored_labels is not None:
+        spec = [int(v) for v in stored_labels]
+    given = argparse.Namespace(
+        label=spec,
+        guidance=args.guidance
+        if args.guidance is not None
+        else (stored.scale if stored.conditional and spec is not None else None),
+        guidance_interval=args.guidance_interval
+        if args.guidance_interval is not None
+        else stored.interval,
+        guidance_rescale=args.guidance_rescale
+        if args.guidance_rescale is not None
+        else stored.rescale,
+    )
+    cond = check_conditioning(given, bundle)
+    labels = cond.labels(torch.arange(n))
+    if not recorded:
+        return cond, labels
+    if stored_labels is None or labels is None:
+        same = stored_labels is None and labels is None
+    else:
+        same = torch.equal(labels.cpu(), stored_labels) and (
+            cond.scale,
+            cond.interval,
+            cond.rescale,
+        ) == (stored.scale, stored.interval, stored.rescale)
+    if not same:
+        asked = cond.describe()
+        if args.label is None and stored.conditional:
+            asked = Conditioning(stored.spec, cond.scale, cond.interval, cond.rescale).describe()
+        made = stored.describe() if stored.conditional else "no labels (the model as it is)"
+        raise UsageError(
+            f"latent {src} was encoded with {made}, not {asked}: a latent decodes under "
+            "the labels and guidance it was encoded with (drop --label and the --guidance "
+            "options to take them from it)"
+        )
+    return cond, labels
 
 
 def _check_solver(label: str, direction: str) -> tuple[Solver, dict[str, Any]]:
@@ -628,26 +752,28 @@ class RoundTripRow:
         return self.nfe_encode + self.nfe_decode
 
 
-def _held_out(bundle: BundledModel, n: int, seed: int) -> tuple[Tensor, str]:
+def _held_out(bundle: BundledModel, n: int, seed: int) -> tuple[Tensor, str, Tensor | None]:
+    """``n`` held-out data points for ``bundle``, what they are, and their class labels
+    (``None`` when the data has none)."""
     if bundle.exact is not None:
         g = torch.Generator().manual_seed(seed)
         x = bundle.exact.sample(n, generator=g).reshape(n, *bundle.shape)
-        return x, "exact samples"
-    if bundle.name == "digits":
-        from ..zoo.data import digits_data
+        return x, "exact samples", None
+    if bundle.name in ("digits", "digits-cond"):
+        from ..zoo.data import digits_data, digits_labels
 
         x = digits_data("test")
         if n > len(x):
             raise UsageError(f"argument --samples: {n} exceeds the {len(x)} held-out test digits")
-        return x[:n], "held-out test digits"
+        return x[:n], "held-out test digits", digits_labels("test")[:n]
     if bundle.name == "moons":
         from ..zoo.data import moons_data
 
         # Training drew seed 0 and evaluation seed 10000; 12345 + seed is held out.
-        return moons_data(n, seed=12345 + seed), "held-out two-moons points"
+        return moons_data(n, seed=12345 + seed), "held-out two-moons points", None
     raise UsageError(
         f"argument --model: no held-out data known for model {bundle.name!r}: roundtrip "
-        "knows 'digits', 'moons' and models with an exact distribution (gmm)"
+        "knows 'digits', 'digits-cond', 'moons' and models with an exact distribution (gmm)"
     )
 
 
@@ -663,45 +789,61 @@ def round_trip(
     steps: int | None = None,
     tol: float | None = None,
     spacing: str = "trailing",
+    model: Any = None,
 ) -> tuple[Tensor, int, int]:
     """Encode ``x0`` and decode it back on the same grid; ``(x, nfe_encode, nfe_decode)``.
     An encode-only solver decodes with its partner (``ddim_inverse`` with ``euler``,
     diffusers' DDIMScheduler; see :data:`DECODE_PARTNERS`); a reversible one (``alf``)
-    hands its companion over."""
+    hands its companion over. ``model``: the model to use (default ``bundle.model``; a
+    conditioned or guided one for labelled data)."""
     kw: dict[str, Any] = (
         {"rtol": tol, "atol": tol} if tol is not None else {"steps": steps, "spacing": spacing}
     )
-    enc = encode(bundle.model, x0, solver, **kw)
-    dec = decode(bundle.model, enc.x, _decode_partner(solver), companion=enc.companion, **kw)
+    model = bundle.model if model is None else model
+    enc = encode(model, x0, solver, **kw)
+    dec = decode(model, enc.x, _decode_partner(solver), companion=enc.companion, **kw)
     return dec.x, enc.nfe, dec.nfe
 
 
-def _peer_net(bundle: BundledModel, spacing: str) -> Any:
-    """The network that ``--peers`` drives with diffusers' schedulers (checked before any
-    row runs)."""
+def _peer_net(bundle: BundledModel, spacing: str, model: Any = None) -> tuple[Any, str]:
+    """The network that ``--peers`` drives with diffusers' schedulers, ``net(x_t, t)``,
+    and its prediction type (checked before any row runs). ``model``: a conditioned or
+    guided copy of ``bundle.model``, whose labels (and guidance) the network then applies,
+    as a diffusers pipeline does."""
+    from ..guidance import Guided
     from ..integrations import diffusers_peers
 
-    model: Any = bundle.model
-    net = getattr(model, "net", None)
-    if net is None or getattr(model, "prediction", None) is None:
+    base: Any = bundle.model
+    net = getattr(base, "net", None)
+    if net is None or getattr(base, "prediction", None) is None:
         raise ValueError(f"--peers needs a network model (EpsModel); {bundle.name!r} is not one")
     if spacing not in ("leading", "trailing"):
         raise ValueError(f"--peers supports leading and trailing spacing, got {spacing!r}")
     if not diffusers_peers.available():
         raise ValueError("--peers needs diffusers installed (pip install diffusers)")
-    return net
+    if isinstance(model, Guided):
+        return model.as_network(), "epsilon"
+    if model is not None and getattr(model, "cond", None):
+        cond = model.cond
+
+        def conditioned(x_t: Tensor, t: Tensor) -> Tensor:
+            return model.net(x_t, t, **cond)
+
+        return conditioned, model.prediction
+    return net, base.prediction
 
 
 def _peer_round_trip(
-    bundle: BundledModel, x0: Tensor, steps: int, spacing: str
+    bundle: BundledModel, x0: Tensor, steps: int, spacing: str, model: Any = None
 ) -> tuple[Tensor, int, int]:
     """diffusers' DDIMInverseScheduler then DDIMScheduler on the same network
-    (:func:`pflow.integrations.diffusers_peers.ddim_round_trip`)."""
+    (:func:`pflow.integrations.diffusers_peers.ddim_round_trip`), given ``model``'s labels
+    and guidance when it is a conditioned copy of ``bundle.model``."""
     from ..integrations.diffusers_peers import ddim_round_trip
 
-    net = _peer_net(bundle, spacing)
-    model: Any = bundle.model
-    return ddim_round_trip(net, model.schedule, model.prediction, x0, steps, spacing)
+    net, prediction = _peer_net(bundle, spacing, model)
+    base: Any = bundle.model
+    return ddim_round_trip(net, base.schedule, prediction, x0, steps, spacing)
 
 
 def _roundtrip_cmd(args: argparse.Namespace) -> int:
@@ -724,14 +866,23 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
         adaptive[label] = spec.adaptive
     out = check_out(args.out, "--out", folder=True) if args.out else None
     dtype = _DTYPES[args.dtype]
-    bundle, _ = _bundle(args.model, dtype)
+    bundle = load_bundle(args.model, load_model)
+    cond = check_conditioning(args, bundle, data_labels=True)
+    x0, source, data_labels = _held_out(bundle, args.samples, args.seed)
+    if cond.spec == "true" and data_labels is None:
+        raise UsageError(
+            f"argument --label: 'true' means the data's own labels, and the {source} of "
+            f"model {bundle.name!r} have none; give classes (3, 0-9, 1,4,7)"
+        )
+    labels = cond.labels(torch.arange(len(x0)), data_labels)
+    model, _ = _model(bundle, cond, labels, dtype)
     if args.peers:
-        _peer_net(bundle, args.spacing)
-    x0, source = _held_out(bundle, args.samples, args.seed)
+        _peer_net(bundle, args.spacing, model)
     x0 = x0.to(dtype)
     peak = float(x0.max() - x0.min())
+    given = f", {cond.describe()}" if cond.conditional else ""
     print(
-        f"pflow roundtrip: model {bundle.name}, {len(x0)} {source}, {args.dtype}, "
+        f"pflow roundtrip: model {bundle.name}{given}, {len(x0)} {source}, {args.dtype}, "
         f"{args.spacing} grids from sigma_min; PSNR against the data's range {peak:.3g}"
     )
     jobs: list[tuple[str, str, dict[str, Any]]] = []
@@ -750,9 +901,9 @@ def _roundtrip_cmd(args: argparse.Namespace) -> int:
         for solver, setting, kw in jobs:
             t0 = time.perf_counter()
             if "peer" in kw:
-                x, n_enc, n_dec = _peer_round_trip(bundle, x0, kw["peer"], args.spacing)
+                x, n_enc, n_dec = _peer_round_trip(bundle, x0, kw["peer"], args.spacing, model)
             else:
-                x, n_enc, n_dec = round_trip(bundle, x0, solver, **kw)
+                x, n_enc, n_dec = round_trip(bundle, x0, solver, model=model, **kw)
             err = (x.double() - x0.double()).flatten()
             rmse = float(err.pow(2).mean().sqrt())
             rows.append(

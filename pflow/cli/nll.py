@@ -2,6 +2,12 @@
 
 The samples are solved in batches of ``--batch-size``; on SIGINT the bits/dim over the
 finished batches is printed (and written to ``--out``, marked incomplete), exit 130.
+
+A class-conditional model (``digits-cond``) takes ``--label``: ``true`` evaluates each
+sample under its own label (``log p(x | y)``), classes (``3``, ``0-9``) under those; the
+result is then also reported per class of the data. Guidance other than 1 is allowed
+and said so: the guided field is not the score of the conditional model, and the
+"likelihood" is then that of the guided ODE's flow.
 """
 
 from __future__ import annotations
@@ -20,7 +26,16 @@ from torch import Tensor
 
 from ..likelihood import Divergence, bits_per_dim, log_likelihood
 from ..zoo.registry import BundledModel
-from .args import Interrupted, UsageError, check_out, load_bundle, positive_int, write_atomic
+from .args import (
+    Interrupted,
+    UsageError,
+    add_guidance_args,
+    check_conditioning,
+    check_out,
+    load_bundle,
+    positive_int,
+    write_atomic,
+)
 
 __all__ = ["add_parsers"]
 
@@ -28,10 +43,12 @@ __all__ = ["add_parsers"]
 @dataclass(frozen=True)
 class _Dataset:
     """Held-out data for a bundled model: ``load(split) -> (N, *shape)`` in the model's
-    data scale, and the width of one quantisation bin there (``None``: continuous)."""
+    data scale, the width of one quantisation bin there (``None``: continuous), and
+    ``labels(split) -> (N,)`` int64 class labels when the data has them."""
 
     load: Callable[[str], Tensor]
     bin_width: float | None
+    labels: Callable[[str], Tensor] | None = None
 
 
 def _digits(split: str) -> Tensor:
@@ -40,8 +57,15 @@ def _digits(split: str) -> Tensor:
     return digits_data(split)
 
 
+def _digit_labels(split: str) -> Tensor:
+    from ..zoo.data import digits_labels
+
+    return digits_labels(split)
+
+
 # Digits: 17 grey levels 0..16 mapped to pixel / 8 - 1, so one bin is 2 / 16 wide.
-_DATASETS: dict[str, _Dataset] = {"digits": _Dataset(_digits, 2.0 / 16.0)}
+_DIGITS = _Dataset(_digits, 2.0 / 16.0, _digit_labels)
+_DATASETS: dict[str, _Dataset] = {"digits": _DIGITS, "digits-cond": _DIGITS}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -88,12 +112,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also write the result to this .json file (summary and per-sample bits/dim)",
     )
+    add_guidance_args(p)
 
 
-def _load_data(bundled: BundledModel, split: str, n: int, seed: int) -> tuple[Tensor, str]:
+def _load_data(
+    bundled: BundledModel, split: str, n: int, seed: int
+) -> tuple[Tensor, str, Tensor | None]:
+    """``n`` samples of ``split``, what they are, and their labels (``None``: none)."""
     if bundled.exact is not None:
         g = torch.Generator().manual_seed(seed)
-        return bundled.exact.sample(n, generator=g), "exact samples"
+        return bundled.exact.sample(n, generator=g), "exact samples", None
     dataset = _DATASETS.get(bundled.name)
     if dataset is None:
         raise UsageError(
@@ -103,7 +131,18 @@ def _load_data(bundled: BundledModel, split: str, n: int, seed: int) -> tuple[Te
     x = dataset.load(split)
     if n > len(x):
         raise UsageError(f"argument --n: {n} exceeds the {len(x)} samples of split {split!r}")
-    return x[:n], f"split {split!r}"
+    labels = dataset.labels(split)[:n] if dataset.labels is not None else None
+    return x[:n], f"split {split!r}", labels
+
+
+def _per_class(bpd: Tensor, labels: Tensor) -> dict[int, tuple[int, float, float]]:
+    """``{class: (samples, mean bits/dim, standard error)}`` over the data's classes."""
+    out: dict[int, tuple[int, float, float]] = {}
+    for c in sorted({int(v) for v in labels}):
+        v = bpd[labels == c]
+        se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        out[c] = (len(v), float(v.mean()), se)
+    return out
 
 
 def _nll(args: argparse.Namespace) -> int:
@@ -117,7 +156,13 @@ def _nll(args: argparse.Namespace) -> int:
     probes, noise = args.probes or 1, args.noise or "rademacher"
     out = check_out(args.out, "--out", suffixes=(".json",)) if args.out else None
     bundled = load_bundle(args.model)
-    x, source = _load_data(bundled, args.data, args.n, args.seed)
+    cond = check_conditioning(args, bundled, data_labels=True)
+    x, source, data_labels = _load_data(bundled, args.data, args.n, args.seed)
+    if cond.spec == "true" and data_labels is None:
+        raise UsageError(
+            f"argument --label: 'true' means the data's own labels, and the {source} of "
+            f"model {bundled.name!r} have none; give classes (3, 0-9, 1,4,7)"
+        )
     dataset = _DATASETS.get(bundled.name) if bundled.exact is None else None
     bin_width = dataset.bin_width if dataset is not None else None
     dequantize = bin_width is not None and not args.no_dequantize
@@ -132,14 +177,26 @@ def _nll(args: argparse.Namespace) -> int:
         + (f", dequantised (bin width {bin_width:g})" if dequantize else "")
         + f"; {how}; {args.solver} rtol={args.rtol:g} atol={args.atol:g}"
     )
+    if cond.conditional:
+        print(
+            f"conditioned on {cond.describe()}"
+            + (
+                ": the conditional model's log p(x | y)"
+                if not cond.guided
+                else ": not the conditional model's likelihood, the density of the guided "
+                "ODE's flow"
+            )
+        )
     t0 = time.perf_counter()
     log_p, nfe, n_vjp, batches = [], 0, 0, 0
     sigma_min = 0.0
     try:
         for start in range(0, len(x), args.batch_size):
+            stop = min(start + args.batch_size, len(x))
+            labels = cond.labels(torch.arange(start, stop), data_labels)
             res = log_likelihood(
-                bundled.model,
-                x[start : start + args.batch_size],
+                cond.model(bundled, bundled.model, labels),
+                x[start:stop],
                 solver=args.solver,
                 rtol=args.rtol,
                 atol=args.atol,
@@ -172,6 +229,10 @@ def _nll(args: argparse.Namespace) -> int:
         f"batch{'es' if batches > 1 else ''} ({nfe / batches:.0f} forward per batch), "
         f"{time.perf_counter() - t0:.1f}s"
     )
+    per_class = None
+    if cond.conditional and data_labels is not None:
+        per_class = _per_class(bpd, data_labels[: len(bpd)])
+        print(_format_per_class(per_class, cond.spec == "true"))
     exact_bpd = None
     if bundled.exact is not None:
         exact = bundled.exact.log_prob(x[: len(lp)], sigma_min)
@@ -204,6 +265,13 @@ def _nll(args: argparse.Namespace) -> int:
             "nfe": nfe,
             "n_vjp": n_vjp,
             "per_sample_bits_per_dim": [float(v) for v in bpd],
+            **cond.record(),
+            "per_class": None
+            if per_class is None
+            else {
+                str(c): {"samples": k, "bits_per_dim": m, "stderr": se if se == se else None}
+                for c, (k, m, se) in per_class.items()
+            },
         }
         write_atomic(out, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
         print(f"written to {out}")
@@ -213,3 +281,16 @@ def _nll(args: argparse.Namespace) -> int:
             + (f"; written to {out}" if out is not None else "")
         )
     return 0
+
+
+def _format_per_class(per_class: dict[int, tuple[int, float, float]], own: bool) -> str:
+    """The per-class table: one line per class of the data."""
+    head = (
+        "per class of the data (each under its own label):"
+        if own
+        else "per class of the data (under the labels given):"
+    )
+    lines = [head, f"  {'class':>5} {'samples':>7} {'bits/dim':>9} {'+- se':>8}"]
+    for c, (k, m, se) in per_class.items():
+        lines.append(f"  {c:>5} {k:>7} {m:>9.4f} {se:>8.4f}")
+    return "\n".join(lines)

@@ -5,6 +5,12 @@ Sample ``i`` of a run seeded ``s`` starts from the noise keyed ``(s, i)``
 the other, each chunk's noise drawn when it starts) without changing any sample. On
 SIGINT the finished chunks are written to ``--out``: they are the first samples of the
 full run, in order (exit code 130; under ``torchrun`` nothing is written).
+
+A class-conditional model (``digits-cond``) takes ``--label`` (sample ``i`` gets the
+``i``-th label of the list, cycling: labels follow the indices as the noise does) and
+classifier-free guidance (``--guidance``, ``--guidance-interval``,
+``--guidance-rescale``); the summary then reports the network rows per sample next to
+the NFE (two rows per evaluation where guidance applies).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from ..grids import SPACINGS
 from .args import (
     Interrupted,
     UsageError,
+    add_guidance_args,
     add_scale_args,
     available_memory,
+    check_conditioning,
     check_direction,
     check_out,
     check_tolerances,
@@ -65,6 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output file: .png, .npy or .pt")
     add_scale_args(s)
+    add_guidance_args(s)
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -141,6 +150,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.steps is None and not spec.adaptive:
         args.steps = 10
     bundle = load_bundle(args.model)
+    cond = check_conditioning(args, bundle)
     world = init(args.device)
     try:
         if args.n < world.size:
@@ -157,20 +167,24 @@ def _sample(args: argparse.Namespace) -> int:
         _check_memory(args.n, len(indices), chunk, bundle.shape, world)
         model = prepare_model(bundle.model, world.device, args.net_dtype, args.compile)
         last_step = last_step_for(spec, bundle.last_step)
+        given = f"\n{cond.describe()}" if cond.conditional else ""  # a second line
         parts: list[torch.Tensor] = []
-        nfe = 0
+        nfe = rows = 0
         t0 = time.perf_counter()
         try:
             for start in range(indices.start, indices.stop, chunk):
                 stop = min(start + chunk, indices.stop)
                 keys = noise_keys(args.seed, torch.arange(start, stop, dtype=torch.int64))
                 noise = keyed_randn(keys, bundle.shape, device=world.device)
+                # Labels follow the sample indices, as the noise does: a sample is the
+                # same whatever --batch-size and the number of ranks.
+                labels = cond.labels(torch.arange(start, stop, dtype=torch.int64))
                 kw = shard_options(spec, world, keys, None)
                 kw.pop("batch_size", None)  # chunked here
                 # The label goes to sample() as written (it applies its options); the
                 # flags add only what the user gave.
                 res = sample(
-                    model,
+                    cond.model(bundle, model, labels),
                     noise,
                     args.solver,
                     steps=args.steps,
@@ -181,28 +195,38 @@ def _sample(args: argparse.Namespace) -> int:
                     **kw,
                 )
                 parts.append(res.x.cpu())
-                nfe = max(nfe, res.nfe)
+                nfe, rows = max(nfe, res.nfe), rows + res.rows
         except KeyboardInterrupt:
             if world.size > 1:
                 raise Interrupted("under torchrun nothing is written") from None
             if not parts:
                 raise Interrupted("no chunk had finished; nothing written") from None
             x = torch.cat(parts)
-            _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}")
+            _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}{given}")
             raise Interrupted(
                 f"wrote the {len(x)} finished samples (0-{len(x) - 1}) of {args.n} to {out}"
             ) from None
         wall = world.max(time.perf_counter() - t0)
         x = world.gather(torch.cat(parts), args.n)
         nfe = int(world.max(nfe))
+        every = world.gather(torch.tensor([float(rows)]), world.size)  # each rank's rows
     finally:
         world.close()
     if x is None:
         return 0
-    _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}")
+    _write(out, x, bundle.description, f"{args.solver}, NFE {nfe}{given}")
     ranks = f" on {world.size} ranks" if world.size > 1 else ""
+    what = ""
+    if cond.conditional:
+        # NFE counts evaluations of the ODE's right-hand side; a guided one runs the
+        # network on two rows per sample (one outside --guidance-interval).
+        per_sample = float(every.sum()) / args.n if every is not None else float("nan")
+        what = f", {cond.describe()}"
+        nfe_text = f"NFE {nfe} ({per_sample:.4g} network rows per sample)"
+    else:
+        nfe_text = f"NFE {nfe}"
     print(
-        f"{args.n} samples from {bundle.name} with {args.solver}{ranks}: NFE {nfe}, "
+        f"{args.n} samples from {bundle.name} with {args.solver}{ranks}{what}: {nfe_text}, "
         f"{wall:.2f}s; written to {out}"
     )
     return 0

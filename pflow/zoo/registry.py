@@ -96,10 +96,14 @@ class BundledModel:
         model = self.model
         if not isinstance(model, EpsModel):
             raise TypeError(f"model {self.name!r}: labels need an EpsModel")
+        params = getattr(model.eager_net, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        device = first.device if first is not None else labels.device
+        labels = labels.to(device)  # the network's device, for any network
         cond = model.condition(**{self.label_key: labels})
         if guidance == 1.0 and interval is None and rescale == 0.0:
             return cond
-        null = torch.tensor([self.null_label])
+        null = torch.tensor([self.null_label], device=device)
         return guide(
             cond,
             guidance,
