@@ -233,6 +233,60 @@ def difficulty(args: argparse.Namespace) -> dict:
     return {"command": "difficulty", "samples": args.samples, "seed": args.seed, "rows": rows}
 
 
+def summary(args: argparse.Namespace) -> dict:
+    """Tables from a guided ``pflow bench`` run's ``bench.json``: for each guidance scale and
+    NFE budget the best pflow row and the best peer row within the budget, and the error of
+    each solver family at its best grid within the budget (the DPM-Solver++ claim)."""
+    data = json.loads(Path(args.bench).read_text())
+    rows = [r for r in data["rows"] if not r.get("kept") and r.get("guidance") is not None]
+    scales = sorted({r["guidance"] for r in rows})
+
+    def best(candidates: list[dict]) -> dict | None:
+        ok = [r for r in candidates if math.isfinite(r["rmse"])]
+        return min(ok, key=lambda r: r["rmse"]) if ok else None
+
+    def name(r: dict) -> str:
+        return f"{r['solver']} [{r['spacing']}], {r['nfe']}"
+
+    print("| w | NFE budget | best pflow (solver [grid], NFE) | error | best peer | error | "
+          "pflow / peer |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    table = []
+    for w in scales:
+        for budget in args.budgets:
+            within = [r for r in rows if r["guidance"] == w and r["nfe"] <= budget]
+            bp = best([r for r in within if not r["peer"]])
+            bq = best([r for r in within if r["peer"]])
+            ratio = bp["rmse"] / bq["rmse"] if bp and bq else float("nan")
+            table.append({"guidance": w, "budget": budget, "pflow": bp, "peer": bq})
+            print(
+                f"| {w:g} | {budget} | {name(bp) if bp else '-'} | "
+                f"{bp['rmse']:.4f} | {name(bq) if bq else '-'} | "
+                f"{bq['rmse']:.4f} | {ratio:.2f} |"
+                if bp and bq
+                else f"| {w:g} | {budget} | - | - | - | - | - |"
+            )
+    solvers = [s for s in args.families if any(r["solver"] == s for r in rows)]
+    print()
+    print("Best error within the budget, each solver on its best grid:")
+    print()
+    print(
+        "| solver | "
+        + " | ".join(f"w={w:g}, NFE<={b}" for w in scales for b in args.budgets)
+        + " |"
+    )
+    print("| --- |" + " --- |" * (len(scales) * len(args.budgets)))
+    for solver in solvers:
+        cells = []
+        for w in scales:
+            for b in args.budgets:
+                r = best([x for x in rows if x["guidance"] == w and x["solver"] == solver
+                          and not x["peer"] and x["nfe"] <= b])  # fmt: skip
+                cells.append(f"{r['rmse']:.3f}" if r else "-")
+        print(f"| `{solver}` | " + " | ".join(cells) + " |")
+    return {"command": "summary", "bench": args.bench, "rows": table}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -254,14 +308,26 @@ def main() -> None:
                    default=[0.0, 1.0, 2.0, 4.0, 8.0])  # fmt: skip
     d.add_argument("--samples", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("summary")
+    s.add_argument("--bench", default="benchmarks/results/digits-cond/bench.json")
+    s.add_argument("--budgets", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[5, 10, 20])  # fmt: skip
+    s.add_argument("--families", type=lambda v: v.split(","),
+                   default=["euler", "heun", "dpm_solver_2", "dpmpp_2s", "dpm_solver_3",
+                            "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"])  # fmt: skip
+    s.add_argument("--out", default=None)
     for q in (a, r, d):
         q.add_argument("--out", default=None, help="folder for the JSON result")
         q.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    result = {"accuracy": accuracy, "roundtrip": roundtrip, "difficulty": difficulty}[args.what](
-        args
-    )
+    torch.set_num_threads(getattr(args, "threads", 1))
+    commands = {
+        "accuracy": accuracy,
+        "roundtrip": roundtrip,
+        "difficulty": difficulty,
+        "summary": summary,
+    }
+    result = commands[args.what](args)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
