@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 from .distributed import World
 from .errors import MaxNFEExceeded, NonFiniteError
 from .files import probe_writable, write_atomic
+from .guidance import Guided
 from .identity import model_identity
 from .metrics import digits_fd, gmm_nll, sliced_wasserstein, trajectory_rmse
 from .model import EpsModel
@@ -695,7 +696,7 @@ def reference_endpoint(
         model = bundle.model
         model64 = (
             model.to(dtype=torch.float64, device=world.device)
-            if isinstance(model, EpsModel)
+            if isinstance(model, (EpsModel, Guided))  # a guided network: a float64 copy too
             else model
         )
     what = f"reference solve (float64 rk45, tol {ref_tol:g}) of model {bundle.name!r}" + (
@@ -773,11 +774,15 @@ def _settings(config: BenchConfig) -> Iterable[tuple[str, str, int | None, float
 
 
 def _auto_peers(bundle: BundledModel) -> list[str]:
-    """Every diffusers peer when diffusers is installed and the model is an eps network."""
+    """Every diffusers peer when diffusers is installed and the model is an eps network,
+    or a guided network (:class:`~pflow.Guided` over an :class:`EpsModel` of any
+    prediction type: the peers drive its guided ``eps``, :meth:`~pflow.Guided.as_network`)."""
     from .integrations import diffusers_peers
 
     model = bundle.model
-    eps_net = isinstance(model, EpsModel) and model.prediction == "epsilon"
+    eps_net = (isinstance(model, EpsModel) and model.prediction == "epsilon") or (
+        isinstance(model, Guided) and isinstance(model.conditional, EpsModel)
+    )
     return list(diffusers_peers.PEERS) if eps_net and diffusers_peers.available() else []
 
 
@@ -1178,9 +1183,9 @@ def prepare_model(
     and compiled when asked; the ODE state keeps its own dtype."""
     if net_dtype is not None and net_dtype not in NET_DTYPES:
         raise ValueError(f"net_dtype must be one of {', '.join(NET_DTYPES)}, got {net_dtype!r}")
-    if not isinstance(model, EpsModel):
+    if not isinstance(model, (EpsModel, Guided)):
         if net_dtype is not None or compile or device.type != "cpu":
-            raise ValueError("net_dtype, compile and device need an EpsModel")
+            raise ValueError("net_dtype, compile and device need an EpsModel (or a guided one)")
         return model
     if device.type != "cpu":
         model = model.to(device=device)

@@ -2,9 +2,9 @@
 diffusers scheduler, and pipelines with pflow's ODE in between.
 
 Everything is built from configs with random weights (no download): a small UNet2DModel
-(tests/conftest.py), a tiny Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL,
-a one-layer CLIPTextModel and a CLIPTokenizer over a letters-only vocabulary written
-here), and a one-layer DiT.
+and a tiny Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL, a one-layer
+CLIPTextModel and a CLIPTokenizer over a letters-only vocabulary; both in
+tests/conftest.py), and a one-layer DiT.
 
 Tolerances: a random network's samples reach tens to hundreds, so float32 differences are
 judged relative to the output's scale (DESIGN.md, section 4). Where pflow and diffusers do
@@ -15,7 +15,6 @@ evaluations meet the same solver arithmetic, equality is exact.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -33,13 +32,14 @@ from pflow.integrations.diffusers import (
     schedule_from_config,
 )
 
+from .conftest import SD_SCHEDULE, tiny_sd_pipeline, tiny_vae
+
 diffusers = pytest.importorskip("diffusers")
 
 REL_TOL = 2e-6
 # pflow.Guided's x0_hat = x0_u + w (x0_c - x0_u) carries w times the float32 rounding of
 # each x0 (test_pipeline_scheduler_is_sample_pipeline).
 GUIDED_TOL = 5e-6
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,82 +68,13 @@ def drive(unet, scheduler, x: torch.Tensor, **cond) -> torch.Tensor:
 # ------------------------------------------------------------------ the tiny SD pipeline
 
 
-def _tokenizer(folder):
-    """A CLIPTokenizer over single letters (no merges), written into ``folder``."""
-    transformers = pytest.importorskip("transformers")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in letters:
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-    )
-
-
-def _vae():
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def sd_pipeline(tmp_path_factory):
-    """A Stable Diffusion pipeline a few kB in size: 8x8 latents, 16x16 images, and the
-    DDIMScheduler config Stable Diffusion ships (leading, steps_offset=1, ending at the
-    first training step's sigma)."""
-    transformers = pytest.importorskip("transformers")
-    tokenizer = _tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-        )
-    ).eval()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    ).eval()
-    scheduler = diffusers.DDIMScheduler(
-        **SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The tiny Stable Diffusion pipeline of ``tests/conftest.py``
+    (:func:`~tests.conftest.tiny_sd_pipeline`): 8x8 latents, 16x16 images, Stable
+    Diffusion's DDIMScheduler config (leading, steps_offset=1, ending at the first
+    training step's sigma)."""
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture
@@ -698,7 +629,7 @@ def test_from_unet_dit_with_class_labels_and_dit_pipeline(noise):
         res = pflow.sample(model, x_T, "euler", steps=5, spacing="trailing")
     assert rel(res.x, x) < REL_TOL
 
-    vae = _vae()
+    vae = tiny_vae()
     pipe = diffusers.DiTPipeline(
         transformer=dit,
         vae=vae,

@@ -2,12 +2,16 @@
 
 With ``--guidance W,W,...`` on a class-conditional model (``digits-cond``) the guidance
 scale is one more axis: every solver and peer runs at every scale, each scale judged
-against its own float64 reference (see :mod:`pflow.bench`)."""
+against its own float64 reference (see :mod:`pflow.bench`).
+
+``--diffusers DIR --prompt ...`` benches a local diffusers pipeline's guided UNet in latent
+space instead (:mod:`pflow.cli.pipeline`)."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from ..grids import SPACINGS
 from .args import (
@@ -20,6 +24,7 @@ from .args import (
     name_list,
     solver_label,
 )
+from .pipeline import add_diffusers_args, check_flags
 
 __all__ = ["add_parsers"]
 
@@ -32,8 +37,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     defaults = BenchConfig()
     b.add_argument(
         "--model",
-        default=defaults.model,
-        help="bundled model name or module:factory (default %(default)s)",
+        default=None,
+        help=f"bundled model name or module:factory (default {defaults.model})",
     )
     b.add_argument(
         "--solvers",
@@ -60,7 +65,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=list(defaults.tols),
         help="comma-separated tolerances (rtol = atol) for adaptive solvers",
     )
-    b.add_argument("--samples", type=int, default=defaults.samples)
+    b.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help=f"number of samples (default {defaults.samples}; with --diffusers 8)",
+    )
     b.add_argument("--seed", type=int, default=defaults.seed)
     b.add_argument(
         "--ref-tol",
@@ -95,6 +105,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     add_scale_args(b)
     add_guidance_args(b, sweep=True)
+    add_diffusers_args(b)
     # What the bench does with them (the shared help speaks of commands that read data).
     helps = {
         "label": "classes of a class-conditional model, cycled over the samples (sample i "
@@ -150,9 +161,7 @@ def _bench(args: argparse.Namespace) -> int:
     # Every label is checked (name, options, values) before a model is loaded.
     for label in args.solvers:
         check_label(*solver_label(label, "--solvers"), label)
-    guidance = _guidance(args)
-    config = BenchConfig(
-        model=args.model,
+    common: dict[str, Any] = dict(
         solvers=args.solvers,
         steps=args.steps,
         spacings=args.spacing,
@@ -170,6 +179,19 @@ def _bench(args: argparse.Namespace) -> int:
         device=args.device,
         net_dtype=args.net_dtype,
         compile=args.compile,
+    )
+    if check_flags(args):
+        from .pipeline import bench_command
+
+        return bench_command(args, common)
+    defaults = BenchConfig()
+    args.model = defaults.model if args.model is None else args.model
+    if common["samples"] is None:
+        args.samples = common["samples"] = defaults.samples
+    guidance = _guidance(args)
+    config = BenchConfig(
+        model=args.model,
+        **common,  # type: ignore[arg-type]
         guidance=guidance,
         labels=args.label,
         guidance_interval=args.guidance_interval,

@@ -35,6 +35,9 @@ round-trip RMSE and PSNR against NFE.
 All three take ``--label`` and the guidance options for a class-conditional model
 (``digits-cond``); ``roundtrip --label true`` gives each test digit its own label.
 
+``roundtrip --diffusers DIR --image in.png`` round-trips one image through a local
+diffusers pipeline's VAE latent instead (:mod:`pflow.cli.pipeline`).
+
 Every ``--out`` is checked before the model loads; on SIGINT ``encode`` and ``decode``
 write nothing and ``roundtrip`` writes the rows it finished.
 """
@@ -82,6 +85,7 @@ from .args import (
     solver_label,
     write_atomic,
 )
+from .pipeline import add_diffusers_args, check_flags
 
 __all__ = ["LATENT_FORMAT", "add_parsers"]
 
@@ -99,6 +103,8 @@ _LATENT_SUFFIXES = (".pt", ".npy")
 # decodes with DDIMScheduler, which is ``euler`` on the mirrored grid (docs/inversion.md).
 # A solver's ``directions`` say that it cannot decode; only this table says what can.
 DECODE_PARTNERS = {DDIM_INVERSE: "euler"}
+
+_ROUNDTRIP_SOLVERS = ("euler", "heun", "dpm_solver_2", "alf", DDIM_INVERSE)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -154,19 +160,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "SIGINT the finished rows are printed and written.",
     )
     r.set_defaults(func=_roundtrip_cmd)
-    r.add_argument("--model", default="digits", help="bundled model (default %(default)s)")
+    r.add_argument("--model", default=None, help="bundled model (default digits)")
     r.add_argument(
         "--solvers",
+        "--solver",
+        dest="solvers",
         type=label_list,
-        default=["euler", "heun", "dpm_solver_2", "alf", DDIM_INVERSE],
+        default=None,
         help="comma-separated solver labels, with options in brackets "
-        "(ddim_inverse: diffusers' DDIM inversion)",
+        "(ddim_inverse: diffusers' DDIM inversion; default "
+        f"{','.join(_ROUNDTRIP_SOLVERS)}, with --diffusers alf)",
     )
-    r.add_argument("--steps", type=_ints, default=[5, 10, 20, 50], help="comma-separated")
+    r.add_argument(
+        "--steps",
+        type=_ints,
+        default=None,
+        help="comma-separated (default 5,10,20,50; with --diffusers 50)",
+    )
     r.add_argument(
         "--tols", type=float_list, default=[1e-3, 1e-5], help="rtol = atol of adaptive solvers"
     )
-    r.add_argument("--spacing", choices=SPACINGS, default="trailing")
+    r.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=None,
+        help="grid spacing (default trailing; with --diffusers, the scheduler config's)",
+    )
     r.add_argument("--samples", type=positive_int, default=100, help="number of data samples")
     r.add_argument("--seed", type=int, default=0, help="seed of exact-model samples")
     r.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
@@ -176,8 +195,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="also run diffusers' DDIMInverseScheduler + DDIMScheduler themselves "
         "(leading/trailing spacing, eps-prediction networks)",
     )
-    r.add_argument("--out", default=None, help="folder for roundtrip.csv/.json/.png")
+    r.add_argument(
+        "--out",
+        default=None,
+        help="folder for roundtrip.csv/.json/.png; with --diffusers, the reconstructed "
+        "image (.png, .npy, .pt)",
+    )
     add_guidance_args(r)
+    add_diffusers_args(r, size=False, image=True)
 
 
 def _add_solve_options(p: argparse.ArgumentParser, what: str, dtype: str | None) -> None:
@@ -848,6 +873,15 @@ def _peer_round_trip(
 
 def _roundtrip_cmd(args: argparse.Namespace) -> int:
     from ..bench import check_label
+
+    if check_flags(args):
+        from .pipeline import roundtrip_command
+
+        return roundtrip_command(args)
+    args.model = "digits" if args.model is None else args.model
+    args.solvers = list(_ROUNDTRIP_SOLVERS) if args.solvers is None else args.solvers
+    args.steps = [5, 10, 20, 50] if args.steps is None else args.steps
+    args.spacing = "trailing" if args.spacing is None else args.spacing
 
     # Every label is checked before a model is loaded: it encodes, its partner decodes,
     # and an adaptive one leaves rtol = atol to --tols. So is --out.

@@ -11,6 +11,9 @@ A class-conditional model (``digits-cond``) takes ``--label`` (sample ``i`` gets
 classifier-free guidance (``--guidance``, ``--guidance-interval``,
 ``--guidance-rescale``); the summary then reports the network rows per sample next to
 the NFE (two rows per evaluation where guidance applies).
+
+``--diffusers DIR`` samples a local diffusers pipeline folder instead (its UNet, prompt
+encoding, guidance and VAE; :mod:`pflow.cli.pipeline`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .args import (
     solver_label,
     write_atomic,
 )
+from .pipeline import add_diffusers_args, check_flags
 
 __all__ = ["add_parsers"]
 
@@ -53,14 +57,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(Ctrl-C) the samples of the finished --batch-size chunks are written (exit 130).",
     )
     s.set_defaults(func=_sample)
-    s.add_argument("--model", default="digits", help="bundled model name or module:factory")
+    s.add_argument(
+        "--model", default=None, help="bundled model name or module:factory (default digits)"
+    )
     s.add_argument(
         "--solver",
         default="heun",
         help="a solver name, with options in brackets: ddim[eta=1], rk45[rtol=1e-3]",
     )
     s.add_argument("--steps", type=int, default=None, help="steps of a fixed-step solver")
-    s.add_argument("--spacing", default="trailing", choices=SPACINGS)
+    s.add_argument(
+        "--spacing",
+        default=None,
+        choices=SPACINGS,
+        help="grid spacing (default trailing; with --diffusers, the scheduler config's)",
+    )
     s.add_argument("--rtol", type=float, default=None, help="adaptive solvers' rtol")
     s.add_argument("--atol", type=float, default=None, help="adaptive solvers' atol")
     s.add_argument(
@@ -69,11 +80,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="fail when a chunk needs more network evaluations (adaptive solvers: 100000)",
     )
-    s.add_argument("--samples", "--n", dest="n", type=int, default=64, help="number of samples")
+    s.add_argument(
+        "--samples",
+        "--n",
+        dest="n",
+        type=int,
+        default=None,
+        help="number of samples (default 64; with --diffusers 1)",
+    )
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="output file: .png, .npy or .pt")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output file: .png, .npy or .pt (with --diffusers: one PNG per image, "
+        "x_000.png, ... for several; .npy the images in [0, 1]; .pt images and latents)",
+    )
     add_scale_args(s)
     add_guidance_args(s)
+    add_diffusers_args(s)
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -136,6 +160,13 @@ def _sample(args: argparse.Namespace) -> int:
     from ..noise import keyed_randn, noise_keys
     from ..solve import sample
 
+    if check_flags(args):
+        from .pipeline import sample_command
+
+        return sample_command(args)
+    args.model = "digits" if args.model is None else args.model
+    args.spacing = "trailing" if args.spacing is None else args.spacing
+    args.n = 64 if args.n is None else args.n
     # Everything the command line decides is checked before a model is loaded.
     spec, options = solver_label(args.solver, "--solver")
     check_direction(spec, args.solver, "down", "--solver", "sample")

@@ -77,11 +77,14 @@ Config keys pflow cannot reproduce are errors that name the key (:func:`check_co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,8 +112,11 @@ __all__ = [
     "PFlowScheduler",
     "PipelineOutput",
     "check_config",
+    "decode_latents",
     "from_unet",
     "invert_pipeline",
+    "load_pipeline",
+    "pipeline_grid",
     "pipeline_model",
     "reconstruct",
     "sample_pipeline",
@@ -1091,6 +1097,95 @@ def pipeline_model(
     )
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loggers at ``error`` and their progress bars off for
+    the block (a load prints "Loading pipeline components..." bars and advice about
+    ``accelerate`` otherwise), restored after."""
+    from diffusers.utils import logging as d_logging
+
+    undo: list[Any] = []
+    before = d_logging.get_verbosity()
+    bars = d_logging.is_progress_bar_enabled()
+    d_logging.set_verbosity_error()
+    d_logging.disable_progress_bar()
+    undo.append(lambda: d_logging.set_verbosity(before))
+    if bars:
+        undo.append(d_logging.enable_progress_bar)
+    try:
+        from transformers.utils import logging as t_logging
+    except ImportError:  # a pipeline without a text encoder needs no transformers
+        t_logging = None
+    if t_logging is not None:
+        t_before = t_logging.get_verbosity()
+        t_bars = t_logging.is_progress_bar_enabled()
+        t_logging.set_verbosity_error()
+        t_logging.disable_progress_bar()
+        undo.append(lambda: t_logging.set_verbosity(t_before))
+        if t_bars:
+            undo.append(t_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def load_pipeline(
+    folder: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+    quiet: bool = True,
+) -> Any:
+    """A diffusers pipeline saved in a local folder (``save_pretrained``, or a downloaded
+    snapshot): ``DiffusionPipeline.from_pretrained(folder, local_files_only=True)``,
+    nothing fetched, with its progress bar off and moved to ``device``.
+
+    ``torch_dtype`` loads the weights in that dtype (``torch.float16``: pflow's solves
+    keep a float32 state). ``quiet`` silences diffusers' and transformers' loading
+    messages and progress bars (errors still raise).
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: ``folder`` has no ``model_index.json`` (not a pipeline: a model's own
+            folder such as ``unet/`` holds a ``config.json`` instead).
+    """
+    from diffusers import DiffusionPipeline
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    with _quiet_loading() if quiet else contextlib.nullcontext(), warnings.catch_warnings():
+        # diffusers >= 0.36 prefers ``dtype=`` and warns at ``torch_dtype=``, which is the
+        # name every version takes.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None and torch.device(device) != pipe.device:
+        pipe = pipe.to(device)
+    return pipe
+
+
+def pipeline_grid(
+    pipe: Any,
+    *,
+    scheduler: Any = None,
+    spacing: str | None = None,
+    set_alpha_to_one: bool | None = None,
+) -> dict[str, Any]:
+    """The grid options :func:`sample_pipeline` walks for ``pipe`` (or ``scheduler``, a
+    scheduler or config): ``spacing``, ``steps_offset`` and ``set_alpha_to_one`` as
+    :class:`PFlowScheduler` reads them from the config, unless given; keywords for
+    :func:`pflow.sample`, :func:`pflow.encode` and :func:`pflow.decode`."""
+    return _grid_args(pipe, scheduler, spacing, set_alpha_to_one)
+
+
 def _grid_args(
     pipe: Any, scheduler: Any, spacing: str | None, set_alpha_to_one: bool | None
 ) -> dict[str, Any]:
@@ -1101,6 +1196,14 @@ def _grid_args(
     if set_alpha_to_one is not None:
         grid["set_alpha_to_one"] = set_alpha_to_one
     return grid
+
+
+def decode_latents(pipe: Any, latents: Tensor, output_type: str = "pil") -> Any:
+    """The pipeline's VAE decode of ``latents`` (the network's scale, as
+    :class:`PipelineOutput` holds them) and its postprocessing into ``output_type``
+    (``"pil"``, ``"np"``, ``"pt"``), as the pipeline makes its images; the safety checker,
+    when the pipeline has one, runs too."""
+    return _decode_latents(pipe, latents, output_type)[0]
 
 
 @torch.no_grad()
