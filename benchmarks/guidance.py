@@ -268,22 +268,19 @@ def summary(args: argparse.Namespace) -> dict:
             )
     solvers = [s for s in args.families if any(r["solver"] == s for r in rows)]
     print()
-    print("Best error within the budget, each solver on its best grid:")
-    print()
-    print(
-        "| solver | "
-        + " | ".join(f"w={w:g}, NFE<={b}" for w in scales for b in args.budgets)
-        + " |"
-    )
-    print("| --- |" + " --- |" * (len(scales) * len(args.budgets)))
-    for solver in solvers:
-        cells = []
-        for w in scales:
-            for b in args.budgets:
+    for b in args.budgets:
+        print(f"Best error with NFE <= {b}, each solver on its best grid (grid, NFE):")
+        print()
+        print("| solver | " + " | ".join(f"w = {w:g}" for w in scales) + " |")
+        print("| --- |" + " --- |" * len(scales))
+        for solver in solvers:
+            cells = []
+            for w in scales:
                 r = best([x for x in rows if x["guidance"] == w and x["solver"] == solver
                           and not x["peer"] and x["nfe"] <= b])  # fmt: skip
-                cells.append(f"{r['rmse']:.3f}" if r else "-")
-        print(f"| `{solver}` | " + " | ".join(cells) + " |")
+                cells.append(f"{r['rmse']:.3f} ({r['spacing']}, {r['nfe']})" if r else "-")
+            print(f"| `{solver}` | " + " | ".join(cells) + " |")
+        print()
     return {"command": "summary", "bench": args.bench, "rows": table}
 
 
