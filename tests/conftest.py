@@ -30,7 +30,8 @@ def gmm() -> GaussianMixture:
 
 def tiny_unet(seed: int = 0, channels: int = 3, size: int = 8):
     """A small UNet2DModel with random weights (no download)."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(
         sample_size=size,
@@ -65,7 +66,8 @@ SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0
 
 def tiny_clip_tokenizer(folder):
     """A CLIPTokenizer over single letters (no merges), its files written into ``folder``."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
@@ -80,7 +82,8 @@ def tiny_clip_tokenizer(folder):
 
 def tiny_vae():
     """An AutoencoderKL with random weights: 4 latent channels, a scale factor of 2."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     return diffusers.AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -98,8 +101,9 @@ def tiny_sd_pipeline(folder):
     16x16 images, a one-layer CLIP text encoder over a letters-only vocabulary (written
     into ``folder``), and the DDIMScheduler config Stable Diffusion ships (leading,
     steps_offset=1, ending at the first training step's sigma)."""
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    import diffusers
+    import transformers
+
     tokenizer = tiny_clip_tokenizer(folder)
     torch.manual_seed(0)
     text = transformers.CLIPTextModel(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -42,7 +43,6 @@ from pflow.zoo import registry
 
 from .conftest import tiny_sd_pipeline, tiny_unet
 
-diffusers = pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL.Image")
 
 PROMPT = "a cat"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import pytest
 import torch
 
@@ -33,8 +34,6 @@ from pflow.integrations.diffusers import (
 )
 
 from .conftest import SD_SCHEDULE, tiny_sd_pipeline, tiny_vae
-
-diffusers = pytest.importorskip("diffusers")
 
 REL_TOL = 2e-6
 # pflow.Guided's x0_hat = x0_u + w (x0_c - x0_u) carries w times the float32 rounding of
